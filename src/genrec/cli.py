@@ -1,0 +1,226 @@
+"""genrec command line: a thin layer over the Python API.
+
+    genrec demo                                   prepare synthetic data, train SASRec and HSTU, report
+    genrec prepare FORMAT INPUT OUT [options]     raw logs -> prepared dataset directory
+    genrec stats DATASET_DIR [--json]
+    genrec train CONFIG [section.key=value ...] --out RUN_DIR [--resume]
+    genrec evaluate RUN_DIR [--split valid|test] [--json]
+    genrec recommend RUN_DIR --history ITEM,ITEM,... [-k K]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from genrec.config import ConfigError, load_config
+from genrec.data.store import DatasetError, SequenceStore
+
+FORMATS = ("table", "s3rec", "ml1m-seq", "recbole", "bert4rec", "grouplens", "synthetic")
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="genrec")
+def main() -> None:
+    """genrec: generative recommendation (HSTU, SASRec) from raw logs to top-K recommendations.
+
+    Typical flow: `genrec prepare` a dataset, `genrec train` a config from configs/, then
+    `genrec evaluate` and `genrec recommend` the run directory. `genrec demo` does it all on
+    built-in synthetic data.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare / stats
+
+
+@main.command()
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(FORMATS))
+@click.argument("input_path", metavar="INPUT")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--user-col", default="user", show_default=True, help="table: user id column")
+@click.option("--item-col", default="item", show_default=True, help="table: item id column")
+@click.option("--time-col", default=None, help="table: timestamp column (unix seconds or ISO date/time)")
+@click.option("--action-col", default=None, help="table: per-event action type / rating column")
+@click.option("--sep", default=None, help="table: CSV delimiter (default: ',' for .csv, tab for .tsv)")
+@click.option("--format", "table_format", type=click.Choice(["csv", "tsv", "parquet", "jsonl"]), default=None,
+              help="table: file format (default: from the suffix)")
+@click.option("--dedup", type=click.Choice(["none", "exact", "pair"]), default="none", show_default=True,
+              help="drop exact duplicate events, or keep only each user's first interaction with an item")
+@click.option("--min-user-count", default=0, show_default=True, help="k-core: keep users with at least this many events")
+@click.option("--min-item-count", default=0, show_default=True, help="k-core: keep items with at least this many events")
+@click.option("--download", is_flag=True, help="grouplens: download INPUT (ml-1m, ml-20m, ...) from GroupLens first")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, sep, table_format, dedup,
+            min_user_count, min_item_count, download, overwrite):
+    """Turn raw interaction logs into a prepared dataset directory OUT.
+
+    \b
+    FORMAT    INPUT
+    table     a CSV/TSV/Parquet/JSONL file; name the columns with --user-col/--item-col/...
+    s3rec     a `user item item ...` text file (Beauty.txt, LastFM.txt)
+    ml1m-seq  the ML-1M directory with ml-1m_sequences_orig_ids.txt, movies.dat, users.dat
+    recbole   a RecBole .inter file (or its directory; .user/.item beside it are kept)
+    bert4rec  a `user item` pairs file, one interaction per line, in time order
+    grouplens ratings.dat (`::`) or ratings.csv; with --download, a GroupLens name such as ml-1m
+    synthetic a preset name: tiny, small or default (INPUT is the preset)
+
+    Example: genrec prepare ml1m-seq ../shared/data/ml-1m data/ml-1m
+    """
+    from genrec.data import datasets
+    from genrec.data.synthetic import PRESETS, generate
+
+    filters = dict(dedup=dedup, min_user_count=min_user_count, min_item_count=min_item_count)
+    t0 = time.perf_counter()
+    try:
+        if Path(out).exists() and not overwrite:
+            raise DatasetError(f"{out} already exists; choose another directory or pass --overwrite")
+        if fmt == "synthetic":
+            if input_path not in PRESETS:
+                raise DatasetError(f"synthetic INPUT must be a preset: {', '.join(PRESETS)}")
+            store = generate(PRESETS[input_path])
+        elif fmt == "table":
+            store = datasets.table(input_path, user_col=user_col, item_col=item_col, time_col=time_col,
+                                   action_col=action_col, fmt=table_format, sep=sep, **filters)
+        elif fmt == "grouplens":
+            path = input_path
+            if download:
+                path = datasets.download_grouplens(input_path, Path(out).parent / f".download-{input_path}")
+            store = datasets.grouplens(path, **filters)
+        else:
+            reader = {"s3rec": datasets.s3rec, "ml1m-seq": datasets.ml1m_seq, "recbole": datasets.recbole,
+                      "bert4rec": datasets.bert4rec}[fmt]
+            store = reader(input_path, **filters)
+        store.save(out, overwrite=overwrite)
+        datasets.write_side_tables(store, out)
+    except USER_ERRORS as e:
+        _fail(e)
+    s = store.stats()
+    click.echo(f"prepared {out}: {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
+               f"in {time.perf_counter() - t0:.1f}s")
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def stats(dataset, as_json):
+    """Counts and history-length percentiles of a prepared DATASET directory."""
+    try:
+        s = SequenceStore.load(dataset).stats()
+    except USER_ERRORS as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    p = s["length_percentiles"]
+    click.echo(f"users         {s['users']:>12,}\nitems         {s['items']:>12,}\ninteractions  {s['interactions']:>12,}")
+    click.echo(f"density       {s['density']:>12.5f}\ntimestamps    {str(s['has_timestamps']):>12}\n"
+               f"actions       {str(s['has_actions']):>12}")
+    click.echo("history length: " + "  ".join(f"{k} {v:g}" for k, v in p.items()) + f"  mean {s['length_mean']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# train / evaluate / recommend
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="run directory to write")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+def train(config, overrides, run_dir, resume):
+    """Train the model described by CONFIG (TOML) and evaluate it.
+
+    OVERRIDES are section.key=value pairs, e.g. `train.epochs=5 data.path=data/ml-1m model.num_blocks=4`.
+    Validation picks the best epoch; the test split is evaluated once, at that checkpoint.
+    """
+    from genrec.train.trainer import RunError, train as run_training
+
+    try:
+        cfg = load_config(config, list(overrides))
+        report = run_training(cfg, run_dir, resume=resume)
+    except (*USER_ERRORS, RunError) as e:
+        _fail(e)
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    ks = [k for k in report["test"] if k != "mrr"]
+    head = "model        " + "  ".join(f"{k:>8}" for k in ks) + "       mrr"
+    rows = [head]
+    for name, m in ((report["model"], report["test"]), ("popularity", report.get("popularity_test"))):
+        if m:
+            rows.append(f"{name:<12} " + "  ".join(f"{m[k]:8.4f}" for k in ks) + f"  {m['mrr']:8.4f}")
+    rows.append(f"protocol: {report['protocol']}; best epoch {report['best_epoch']} chosen on validation "
+                f"({report['num_test_users']:,} test users)")
+    return "\n".join(rows)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "which", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+@click.option("--include-history", is_flag=True, help="do not exclude the user's history from the ranking")
+def evaluate(run_dir, which, as_json, include_history):
+    """Rank the held-out targets of RUN_DIR's dataset with its best checkpoint (full ranking)."""
+    from genrec.api import evaluate_run
+
+    try:
+        report = evaluate_run(run_dir, which, exclude_history=not include_history)
+    except USER_ERRORS as e:
+        _fail(e)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--history", required=True, help="comma-separated raw item ids, oldest first")
+@click.option("-k", "k", default=10, show_default=True, help="number of recommendations")
+@click.option("--include-seen", is_flag=True, help="allow items already in the history")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def recommend(run_dir, history, k, include_seen, as_json):
+    """Top-K raw item ids for one HISTORY of raw item ids."""
+    from genrec.infer.recommender import Recommender
+
+    items = [x.strip() for x in history.split(",") if x.strip()]
+    try:
+        rec = Recommender.load(run_dir)
+        (r,) = rec.recommend([items], k=k, exclude_seen=not include_seen)
+    except USER_ERRORS as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"items": r.items, "scores": r.scores, "unknown": r.unknown, "fallback": r.fallback}))
+        return
+    if r.unknown:
+        click.echo(f"note: {r.unknown} unknown item id(s) ignored", err=True)
+    if r.fallback:
+        click.echo("note: empty history, showing the most popular items", err=True)
+    for rank, (item, score) in enumerate(zip(r.items, r.scores), 1):
+        click.echo(f"{rank:3d}  {item}  {score:.4f}")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="directory for the data and the runs")
+@click.option("--epochs", default=None, type=int, help="override the preset's epochs (quicker look)")
+def demo(out, epochs):
+    """The quickstart: synthetic data -> SASRec and HSTU -> metrics table and example recommendations."""
+    from genrec.api import run_demo
+
+    try:
+        run_demo(out, epochs=epochs, echo=click.echo)
+    except (*USER_ERRORS,) as e:
+        _fail(e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Batches: collate row ranges of a SequenceStore into right-padded tensors. Vectorised gathers.
+
+A :class:`Batch` is the only thing models see. Histories are right-padded with item 0 and carry
+explicit lengths; the batch is trimmed to its longest history (never padded to ``max_len`` for
+nothing). Positions are aligned left: position 0 is the oldest kept event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from genrec.data.split import EvalExamples, Split
+from genrec.data.store import SequenceStore
+
+
+@dataclass
+class Batch:
+    items: torch.Tensor  # (B, L) int64 item ids, 0 = padding
+    lengths: torch.Tensor  # (B,) int64 number of real events per row
+    timestamps: torch.Tensor | None = None  # (B, L) int64 event times (unix s)
+    query_time: torch.Tensor | None = None  # (B, L) int64 time of the event predicted at each position
+    actions: torch.Tensor | None = None  # (B, L) int64 action ids, 0 = padding
+    targets: torch.Tensor | None = None  # (B, L) training: next item at each position, 0 = none
+    target: torch.Tensor | None = None  # (B,) evaluation: the single held-out item
+    users: torch.Tensor | None = None  # (B,) dense user ids
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                for f in fields(self) if getattr(self, f.name) is not None})
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """(B, L) bool, True at real events."""
+        L = self.items.shape[1]
+        return torch.arange(L, device=self.items.device)[None, :] < self.lengths[:, None]
+
+
+def gather_rows(column: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) array of ``column[starts[b] : starts[b] + lengths[b]]`` right-padded with 0."""
+    pos = np.arange(width)[None, :]
+    valid = pos < lengths[:, None]
+    idx = np.where(valid, starts[:, None] + pos, 0)
+    out = np.asarray(column[idx.ravel()]).reshape(idx.shape).astype(np.int64)
+    out[~valid] = 0
+    return out
+
+
+def training_batch(store: SequenceStore, users: np.ndarray, train_end: np.ndarray, max_len: int) -> Batch:
+    """Next-item training: inputs = the last ``max_len`` training events but one, targets shifted by one."""
+    starts = np.maximum(store.offsets[users], train_end[users] - (max_len + 1))
+    n = train_end[users] - starts  # events in the window (inputs + 1)
+    lengths = np.maximum(n - 1, 0)
+    width = max(1, int(lengths.max()))
+    items = gather_rows(store.items, starts, lengths, width)
+    targets = gather_rows(store.items, starts + 1, lengths, width)
+    ts = qt = act = None
+    if store.timestamps is not None:
+        ts = torch.from_numpy(gather_rows(store.timestamps, starts, lengths, width))
+        qt = torch.from_numpy(gather_rows(store.timestamps, starts + 1, lengths, width))
+    if store.actions is not None:
+        act = torch.from_numpy(gather_rows(store.actions, starts, lengths, width))
+    return Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths.astype(np.int64)),
+                 timestamps=ts, query_time=qt, actions=act, targets=torch.from_numpy(targets),
+                 users=torch.from_numpy(users.astype(np.int64)))
+
+
+def eval_batch(store: SequenceStore, users: np.ndarray, target_rows: np.ndarray, max_len: int) -> Batch:
+    """History = the last ``max_len`` events before the target; query time = the target's timestamp."""
+    starts = np.maximum(store.offsets[users], target_rows - max_len)
+    lengths = target_rows - starts
+    width = max(1, int(lengths.max()))
+    items = gather_rows(store.items, starts, lengths, width)
+    ts = qt = act = None
+    if store.timestamps is not None:
+        ts_np = gather_rows(store.timestamps, starts, lengths, width)
+        qt_np = np.zeros_like(ts_np)
+        # the query at position i predicts the event after it: event i+1, or the target at the end
+        qt_np[:, :-1] = ts_np[:, 1:]
+        qt_np[np.arange(len(users)), lengths - 1] = np.asarray(store.timestamps[target_rows])
+        qt_np[np.arange(width)[None, :] >= lengths[:, None]] = 0
+        ts, qt = torch.from_numpy(ts_np), torch.from_numpy(qt_np)
+    if store.actions is not None:
+        act = torch.from_numpy(gather_rows(store.actions, starts, lengths, width))
+    return Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths.astype(np.int64)),
+                 timestamps=ts, query_time=qt, actions=act,
+                 target=torch.from_numpy(np.asarray(store.items[target_rows]).astype(np.int64)),
+                 users=torch.from_numpy(users.astype(np.int64)))
+
+
+class TrainLoader:
+    """Iterates training batches over users with at least one training target, shuffled per epoch.
+
+    The order depends only on (seed, epoch), so resuming at an epoch boundary replays exactly.
+    """
+
+    def __init__(self, store: SequenceStore, split: Split, batch_size: int, max_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.store, self.split = store, split
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        n_train = split.train_end - store.offsets[:-1]
+        self.users = np.flatnonzero(n_train >= 2)
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        per_rank = len(self.users) // self.world_size if self.world_size > 1 else len(self.users)
+        return (per_rank + self.batch_size - 1) // self.batch_size
+
+    def num_tokens(self) -> int:
+        """Training targets in one epoch (after max_len truncation)."""
+        n = self.split.train_end[self.users] - self.store.offsets[self.users]
+        return int(np.minimum(n - 1, self.max_len).sum())
+
+    def epoch(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = self.users[rng.permutation(len(self.users))]
+        if self.world_size > 1:  # equal share per rank (drop the remainder so all ranks step together)
+            per_rank = len(order) // self.world_size
+            order = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        for s in range(0, len(order), self.batch_size):
+            yield training_batch(self.store, order[s:s + self.batch_size], self.split.train_end, self.max_len)
+
+
+def eval_batches(store: SequenceStore, examples: EvalExamples, batch_size: int, max_len: int):
+    for s in range(0, len(examples), batch_size):
+        yield eval_batch(store, examples.users[s:s + batch_size], examples.target_rows[s:s + batch_size], max_len)

@@ -1,0 +1,104 @@
+"""Train / validation / test splits over a SequenceStore, as row ranges (no data is copied).
+
+Every split is described by, per user:
+- ``train_end[u]``: training uses rows ``offsets[u] : train_end[u]`` and nothing after them;
+- evaluation examples ``(user, target_row)``: the model reads rows ``offsets[u] : target_row`` and
+  must predict the item at ``target_row``. The history never contains the target or anything later.
+
+``leave_one_out``: test target = last event, validation target = second-to-last, training = the rest.
+Users with fewer than 3 events train on all their events and are not evaluated.
+
+``temporal``: two global cut-off times at the quantiles ``1 - valid - test`` and ``1 - test`` of all
+timestamps. Training uses events before the first cut-off. A user's validation target is their first
+event in the validation window, the test target their first event in the test window; each reads
+every earlier event of the user as history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from genrec.data.store import DatasetError, SequenceStore
+
+
+@dataclass
+class EvalExamples:
+    users: np.ndarray  # (E,) dense user ids
+    target_rows: np.ndarray  # (E,) row of the target event; history = offsets[u] : target_row
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class Split:
+    name: str
+    train_end: np.ndarray  # (U,) exclusive end row of each user's training events
+    valid: EvalExamples
+    test: EvalExamples
+    description: str
+
+    def examples(self, which: str) -> EvalExamples:
+        if which not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
+        return self.valid if which == "valid" else self.test
+
+
+def leave_one_out(store: SequenceStore) -> Split:
+    starts, ends = store.offsets[:-1], store.offsets[1:]
+    n = ends - starts
+    evaluated = n >= 3
+    users = np.flatnonzero(evaluated)
+    train_end = np.where(evaluated, ends - 2, ends)
+    return Split(
+        name="leave_one_out",
+        train_end=train_end,
+        valid=EvalExamples(users, ends[users] - 2),
+        test=EvalExamples(users, ends[users] - 1),
+        description="leave-one-out (last event = test, second-to-last = validation)",
+    )
+
+
+def temporal(store: SequenceStore, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
+    if store.timestamps is None:
+        raise DatasetError("the temporal split needs timestamps; this dataset has none (use leave_one_out)")
+    if not (0 < valid_fraction and 0 < test_fraction and valid_fraction + test_fraction < 1):
+        raise DatasetError("temporal split fractions must be positive and sum to less than 1")
+    ts = np.asarray(store.timestamps)
+    t_valid, t_test = np.quantile(ts, [1 - valid_fraction - test_fraction, 1 - test_fraction])
+    starts, ends = store.offsets[:-1], store.offsets[1:]
+    user_of_row = np.repeat(np.arange(store.num_users), np.diff(store.offsets))
+
+    def first_row_at_or_after(t: float) -> np.ndarray:
+        """Per user, the first row with timestamp >= t (rows are time-sorted within a user)."""
+        after = ts >= t
+        # number of rows before the cut-off per user = start + count of rows < t
+        before = np.bincount(user_of_row[~after], minlength=store.num_users)
+        return starts + before
+
+    first_valid = first_row_at_or_after(t_valid)
+    first_test = first_row_at_or_after(t_test)
+
+    def examples(rows: np.ndarray, window_end: np.ndarray) -> EvalExamples:
+        ok = (rows < window_end) & (rows > starts)  # an event in the window, with some history before it
+        users = np.flatnonzero(ok)
+        return EvalExamples(users, rows[users])
+
+    return Split(
+        name="temporal",
+        train_end=first_valid,
+        valid=examples(first_valid, first_test),
+        test=examples(first_test, ends),
+        description=(f"global temporal (train < t={int(t_valid)}, valid = first event in [t_valid, "
+                     f"t_test={int(t_test)}), test = first event >= t_test)"),
+    )
+
+
+def make_split(store: SequenceStore, name: str, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
+    if name == "leave_one_out":
+        return leave_one_out(store)
+    if name == "temporal":
+        return temporal(store, valid_fraction, test_fraction)
+    raise DatasetError(f"unknown split {name!r}; use leave_one_out or temporal")

@@ -1,0 +1,121 @@
+"""Recommender: a trained run directory -> top-K raw item ids for raw histories.
+
+    rec = Recommender.load("runs/hstu")
+    result = rec.recommend([["1193", "661", "914"]], k=10)
+    result[0].items, result[0].scores, result[0].unknown
+
+Histories are lists of raw item ids (as in the input logs), oldest first, optionally with timestamps.
+Unknown ids are dropped and counted. An empty history (or one made only of unknown ids) falls back to
+the most popular training items. Items in the history are excluded from the results unless
+``exclude_seen=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.config import config_from_dict
+from genrec.data.batches import Batch
+from genrec.data.vocab import Vocab
+from genrec.models import build_model
+from genrec.models.scoring import Scorer
+from genrec.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class Recommendation:
+    items: list  # raw item ids, best first
+    scores: list[float]
+    unknown: int = 0  # history items that were not in the vocabulary (dropped)
+    fallback: bool = False  # True when the popularity fallback was used
+
+
+class Recommender:
+    def __init__(self, model: torch.nn.Module, scorer: Scorer, vocab: Vocab, max_len: int,
+                 item_counts: torch.Tensor | None = None, config: dict | None = None):
+        self.model, self.scorer, self.vocab, self.max_len = model.eval(), scorer, vocab, max_len
+        self.config = config or {}
+        self.item_counts = item_counts
+        with torch.no_grad():
+            self.item_table = scorer.items(model.item_vectors()).detach()  # (I + 1, D)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> "Recommender":
+        path = Path(run_dir) / checkpoint
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {run_dir} a finished `genrec train` run?")
+        ckpt = load_checkpoint(path, map_location=device)
+        cfg = config_from_dict(ckpt["config"])
+        vocab = Vocab.from_state(ckpt["item_vocab"])
+        model = build_model(cfg.model, len(vocab))
+        model.load_state_dict(ckpt["model"])
+        return cls(model.to(device), Scorer(l2_norm=cfg.loss.l2_norm), vocab, cfg.data.max_len,
+                   ckpt.get("item_counts"), ckpt["config"])
+
+    def encode(self, histories: list[np.ndarray], timestamps: list[np.ndarray] | None = None) -> torch.Tensor:
+        """Dense-id histories (each non-empty) -> (B, D) scorer-normalised queries."""
+        hs = [h[-self.max_len:] for h in histories]
+        lengths = np.array([len(h) for h in hs])
+        L = int(lengths.max())
+        items = np.zeros((len(hs), L), dtype=np.int64)
+        for b, h in enumerate(hs):  # one row per request; the hot path is the model, not this copy
+            items[b, :len(h)] = h
+        ts = qt = None
+        if timestamps is not None:
+            ts = np.zeros_like(items)
+            for b, t in enumerate(timestamps):
+                t = np.asarray(t, dtype=np.int64)[-self.max_len:]
+                ts[b, :len(t)] = t
+            qt = np.zeros_like(ts)
+            qt[:, :-1] = ts[:, 1:]
+            qt[np.arange(len(hs)), lengths - 1] = ts[np.arange(len(hs)), lengths - 1]
+            ts, qt = torch.from_numpy(ts), torch.from_numpy(qt)
+        batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
+        with torch.no_grad():
+            h = self.model(batch)
+            return self.scorer.queries(h[torch.arange(len(hs)), batch.lengths - 1])
+
+    def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool = True,
+                  timestamps: list[list[int]] | None = None) -> list[Recommendation]:
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        k = min(k, len(self.vocab))
+        dense, unknown, keep_ts = [], [], []
+        for i, h in enumerate(histories):
+            d = self.vocab.to_dense(list(h)) if len(h) else np.zeros(0, dtype=np.int64)
+            known = d > 0
+            dense.append(d[known])
+            unknown.append(int((~known).sum()))
+            if timestamps is not None:
+                keep_ts.append(np.asarray(timestamps[i], dtype=np.int64)[known])
+        out: list[Recommendation | None] = [None] * len(histories)
+        rows = [i for i, d in enumerate(dense) if len(d)]
+        scores = torch.empty(0)
+        if rows:
+            q = self.encode([dense[i] for i in rows], [keep_ts[i] for i in rows] if timestamps is not None else None)
+            scores = q @ self.item_table.T  # (B, I + 1)
+            scores[:, 0] = -torch.inf
+        for j, i in enumerate(rows):
+            s = scores[j]
+            if exclude_seen:
+                s[torch.from_numpy(dense[i])] = -torch.inf
+            top = torch.topk(s, k)
+            ok = torch.isfinite(top.values)
+            ids = top.indices[ok].numpy()
+            out[i] = Recommendation(self.vocab.to_raw(ids).tolist(), top.values[ok].tolist(), unknown[i])
+        for i in range(len(histories)):
+            if out[i] is None:
+                out[i] = self._popular(k, unknown[i])
+        return out
+
+    def _popular(self, k: int, unknown: int) -> Recommendation:
+        if self.item_counts is None:
+            raise ValueError("empty history and no popularity counts in this checkpoint")
+        counts = self.item_counts.clone().float()
+        counts[0] = -1
+        top = torch.topk(counts, k)
+        return Recommendation(self.vocab.to_raw(top.indices.numpy()).tolist(), top.values.tolist(), unknown, True)

@@ -1,0 +1,124 @@
+"""Training objectives over hidden states and an item table. Separate from the models.
+
+Every loss takes the hidden states of the positions that have a target, ``queries (N, D)``, their
+``targets (N,)`` (dense item ids >= 1) and the item table ``items (I + 1, D)`` (row 0 = padding, never
+a candidate), and returns a scalar mean loss. Scoring goes through :class:`genrec.models.scoring.Scorer`
+so training and evaluation compare queries and items the same way (dot or cosine, / temperature).
+
+- ``full_softmax``: cross-entropy over all items, computed in chunks of positions with activation
+  recomputation so memory stays bounded by ``chunk_size x I``.
+- ``sampled_softmax``: the target against R uniform negatives drawn per position; negatives equal to the
+  target (accidental hits) are masked; optional logQ correction (a no-op for uniform sampling, kept for
+  non-uniform samplers).
+- ``in_batch``: the other positions' targets in the batch are the negatives; repeats of the target are
+  masked; optional logQ correction with the items' training frequency.
+- ``bce``: binary cross-entropy with one uniform negative per position (the original SASRec objective).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from genrec.config import LossConfig
+from genrec.models.scoring import Scorer
+
+NEG_INF = -1e9
+
+
+def _full_softmax_chunk(q: torch.Tensor, t: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = (q @ items.T) / temperature  # (n, I + 1)
+    logits[:, 0] = NEG_INF  # padding is never a candidate
+    return F.cross_entropy(logits, t, reduction="sum")
+
+
+def full_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, temperature: float,
+                 chunk_size: int = 4096) -> torch.Tensor:
+    total = q.new_zeros(())
+    for s in range(0, len(q), chunk_size):
+        args = (q[s:s + chunk_size], targets[s:s + chunk_size], items, temperature)
+        if torch.is_grad_enabled() and len(q) > chunk_size:
+            total = total + checkpoint(_full_softmax_chunk, *args, use_reentrant=False)
+        else:
+            total = total + _full_softmax_chunk(*args)
+    return total / max(1, len(q))
+
+
+def negative_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(N, R) scores q[n] . items[negatives[n, r]].
+
+    Small catalogues (I <= 64 R): score every item with one matmul and pick the sampled columns; the
+    backward is then a matmul too. Large catalogues: gather the (N, R, D) negative embeddings.
+    """
+    if items.shape[0] <= 64 * negatives.shape[1]:
+        return torch.gather(q @ items.T, 1, negatives)
+    return torch.einsum("nd,nrd->nr", q, F.embedding(negatives, items))
+
+
+def sampled_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, num_items: int,
+                    num_negatives: int, temperature: float, log_q: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    N = len(q)
+    negatives = torch.randint(1, num_items + 1, (N, num_negatives), device=q.device, generator=generator)  # (N, R)
+    pos = (q * F.embedding(targets, items)).sum(-1, keepdim=True)  # (N, 1)
+    neg = negative_scores(q, items, negatives)  # (N, R)
+    logits = torch.cat([pos, neg], dim=1) / temperature  # (N, 1 + R)
+    if log_q is not None:
+        logits = logits - torch.cat([log_q[targets][:, None], log_q[negatives]], dim=1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(negatives == targets[:, None], NEG_INF)  # accidental hits
+    return F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=q.device))
+
+
+def in_batch(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, temperature: float,
+             log_q: torch.Tensor | None = None) -> torch.Tensor:
+    cand = F.embedding(targets, items)  # (N, D) the batch's targets are the candidates
+    logits = (q @ cand.T) / temperature  # (N, N)
+    if log_q is not None:
+        logits = logits - log_q[targets][None, :]
+    same = targets[:, None] == targets[None, :]
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, NEG_INF)  # another copy of the target is not a negative
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+def bce(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, num_items: int, temperature: float,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    negatives = torch.randint(1, num_items + 1, targets.shape, device=q.device, generator=generator)
+    pos = (q * F.embedding(targets, items)).sum(-1) / temperature
+    neg = (q * F.embedding(negatives, items)).sum(-1) / temperature
+    hit = negatives == targets  # an accidental hit is not a negative
+    loss_pos = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="sum")
+    loss_neg = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
+    return (loss_pos + loss_neg.masked_fill(hit, 0).sum()) / max(1, len(q))
+
+
+class Loss:
+    """Binds a LossConfig to a scorer: ``loss(hidden, targets, item_table)``."""
+
+    def __init__(self, cfg: LossConfig, num_items: int, item_counts: torch.Tensor | None = None):
+        self.cfg, self.num_items = cfg, num_items
+        self.scorer = Scorer(l2_norm=cfg.l2_norm)
+        self.log_q = None
+        if cfg.logq_correction and item_counts is not None:
+            p = item_counts.float().clamp(min=1)
+            self.log_q = torch.log(p / p.sum())
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, D), targets (B, L) with 0 where there is nothing to predict."""
+        valid = targets > 0
+        q = self.scorer.queries(hidden[valid])  # (N, D)
+        t = targets[valid]  # (N,)
+        items = self.scorer.items(item_table)  # (I + 1, D)
+        c = self.cfg
+        if c.name == "full_softmax":
+            return full_softmax(q, t, items, c.temperature, c.chunk_size)
+        if c.name == "sampled_softmax":
+            # negatives are uniform: log Q is the same constant for every candidate, so the correction is a no-op
+            return sampled_softmax(q, t, items, self.num_items, c.num_negatives, c.temperature)
+        if c.name == "in_batch":
+            log_q = self.log_q.to(q.device) if self.log_q is not None else None
+            return in_batch(q, t, items, c.temperature, log_q)
+        if c.name == "bce":
+            return bce(q, t, items, self.num_items, c.temperature)
+        raise ValueError(f"unknown loss {c.name!r}")

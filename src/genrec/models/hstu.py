@@ -1,0 +1,221 @@
+"""HSTU: hierarchical sequential transduction units.
+
+Zhai et al., "Actions Speak Louder than Words: Trillion-Parameter Sequential Transducers for
+Generative Recommendations", ICML 2024. Defaults follow the research code that produced the paper's
+public ML-1M / ML-20M / Books numbers (generative-recommenders, ``research/``):
+
+    x0 = E[id] * sqrt(D) + P[t]; dropout; padding rows zero
+    per layer:  X~ = LayerNorm(X)                       (no affine, eps 1e-6)
+                U, V, Q, K = split(SiLU(X~ W_uvqk))      (no bias)
+                A[h,i,j] = SiLU(Q_h[i].K_h[j] + rab_p(j - i) + rab_t(i, j)) / N   for j <= i, else 0
+                Y = Linear(Dropout(U * LayerNorm(concat_h A_h V_h))) + X
+    output:     L2-normalised
+
+There is no feed-forward network and no 1/sqrt(d) in the reference. ``N`` is the padded length; here
+it is the configured ``max_len`` so that a position's output never depends on how long the other rows
+of its batch are. rab_p is a learned scalar per relative position; rab_t a learned scalar per
+log-time bucket ``clamp(floor(ln(max(|t_{i+1} - t_j|, 1)) / 0.301), 0, 128)``, where ``t_{i+1}`` is the
+time of the event predicted at position i (``Batch.query_time``). Both are per layer, shared by heads.
+
+Switches for the variants the anchors disagree on (reference value first):
+- ``silu``: "uvqk" (SiLU on U, V, Q and K) | "u" (SiLU on U only, newer production layer)
+- ``attn_scale``: False | True (multiply Q.K by 1/sqrt(d_qk))
+- ``attn_norm``: "max_len" (divide by N) | "visible" (by the number of keys each query sees; the
+  TensorFlow port) | "batch_max" (by the batch's longest history; production layer)
+- ``relative_bias``: "position_time" | "position" | "none" ("position_time" needs timestamps and falls
+  back to position-only for batches without them)
+- ``output``: "u_ln_o" (U * LN(O)) | "concat" (Linear([U, O, U * LN(O)]), production layer)
+- ``ln_affine``: False | True (learnable LayerNorm scale and shift)
+:meth:`HSTUConfig.production` returns the production preset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.data.batches import Batch
+
+
+@dataclass
+class HSTUConfig:
+    dim: int = 50  # item embedding and residual stream size D
+    num_blocks: int = 2
+    num_heads: int = 1
+    qk_dim: int = 50  # per-head query/key size (reference: dqk)
+    v_dim: int = 50  # per-head value/U size (reference: dv)
+    dropout: float = 0.2  # input (embedding) dropout
+    linear_dropout: float = 0.2  # dropout before the output projection
+    max_len: int = 200  # position table size and the attention normaliser N
+    silu: str = "uvqk"  # uvqk | u
+    attn_scale: bool = False  # multiply Q.K by 1/sqrt(qk_dim)
+    attn_norm: str = "max_len"  # max_len | visible | batch_max
+    relative_bias: str = "position_time"  # position_time | position | none
+    output: str = "u_ln_o"  # u_ln_o | concat
+    ln_affine: bool = False
+    output_l2_norm: bool = True
+    num_time_buckets: int = 128
+    time_log_base: float = 0.301  # bucket width in ln-seconds (about ln 2 / 2.3: log10-spaced)
+    ln_eps: float = 1e-6
+
+    def validate(self) -> None:
+        options = {"silu": ("uvqk", "u"), "attn_norm": ("max_len", "visible", "batch_max"),
+                   "relative_bias": ("position_time", "position", "none"), "output": ("u_ln_o", "concat")}
+        for key, allowed in options.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} = {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        for key in ("dropout", "linear_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be in [0, 1)")
+
+    @classmethod
+    def production(cls, **overrides) -> "HSTUConfig":
+        """The newer production HSTU layer (SiLU on U only, scaled scores, batch-max normaliser, concat output)."""
+        return replace(cls(silu="u", attn_scale=True, attn_norm="batch_max", output="concat", ln_affine=True),
+                       **overrides)
+
+
+def time_buckets(query_time: torch.Tensor, key_time: torch.Tensor, num_buckets: int, base: float) -> torch.Tensor:
+    """(B, L, L) bucket of |t_query[i] - t_key[j]|: clamp(floor(ln(max(|dt|, 1)) / base), 0, num_buckets)."""
+    dt = (query_time[:, :, None] - key_time[:, None, :]).abs().clamp(min=1).float()  # (B, L, L)
+    return (torch.log(dt) / base).floor().long().clamp(0, num_buckets)
+
+
+class _GatherScalars(torch.autograd.Function):
+    """``table[index]`` for a 1-D table, with a bincount backward.
+
+    Autograd's default backward for this gather is an accumulating index_put, which serialises on CPU
+    when millions of indices hit a few hundred slots (the time buckets); bincount is one fast pass.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size = table.shape[0]
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        if grad.dim() > index.dim():  # broadcast dimensions in front (e.g. batch) are summed first
+            grad = grad.sum(dim=tuple(range(grad.dim() - index.dim())))
+        g = torch.bincount(index.reshape(-1), weights=grad.reshape(-1).float(), minlength=ctx.size)
+        return g.to(grad.dtype), None
+
+
+def gather_scalars(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _GatherScalars.apply(table, index)
+
+
+class RelativeBias(nn.Module):
+    """rab_p(j - i) + rab_t(bucket(t_{i+1} - t_j)): learned scalars shared by the heads of one layer."""
+
+    def __init__(self, max_len: int, use_time: bool, num_buckets: int, base: float):
+        super().__init__()
+        self.max_len = max_len
+        self.position = nn.Parameter(torch.empty(2 * max_len - 1).normal_(std=0.02))
+        self.time = nn.Parameter(torch.empty(num_buckets + 1).normal_(std=0.02)) if use_time else None
+        self.num_buckets, self.base = num_buckets, base
+
+    def forward(self, L: int, buckets: torch.Tensor | None) -> torch.Tensor:
+        idx = torch.arange(L, device=self.position.device)
+        bias = gather_scalars(self.position, (idx[None, :] - idx[:, None]) + self.max_len - 1)[None]  # (1, L, L): j - i
+        if self.time is not None and buckets is not None:
+            bias = bias + gather_scalars(self.time, buckets)  # (B, L, L)
+        return bias
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+        self.uvqk = nn.Parameter(torch.empty(cfg.dim, 2 * H * dv + 2 * H * dqk).normal_(std=0.02))  # no bias
+        self.rab = (RelativeBias(cfg.max_len, cfg.relative_bias == "position_time", cfg.num_time_buckets,
+                                 cfg.time_log_base) if cfg.relative_bias != "none" else None)
+        self.in_norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
+        self.attn_norm = nn.LayerNorm(H * dv, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
+        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.out = nn.Linear(H * dv * (3 if cfg.output == "concat" else 1), cfg.dim)
+        nn.init.xavier_uniform_(self.out.weight)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, L, _ = x.shape
+        H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+        uvqk = self.in_norm(x) @ self.uvqk  # (B, L, 2*H*dv + 2*H*dqk)
+        if cfg.silu == "uvqk":
+            uvqk = F.silu(uvqk)
+        u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        if cfg.silu == "u":
+            u = F.silu(u)
+        q = q.view(B, L, H, dqk).transpose(1, 2)  # (B, H, L, dqk)
+        k = k.view(B, L, H, dqk).transpose(1, 2)  # (B, H, L, dqk)
+        v = v.view(B, L, H, dv).transpose(1, 2)  # (B, H, L, dv)
+
+        scores = q @ k.transpose(-1, -2)  # (B, H, L, L)
+        if cfg.attn_scale:
+            scores = scores * (1.0 / math.sqrt(dqk))
+        # The causal mask rides on the additive bias: SiLU(-1e4) is exactly 0 in float32 and bfloat16,
+        # with a zero gradient, so future keys contribute nothing (checked against an explicit mask in tests).
+        bias = torch.zeros(L, L, device=x.device).masked_fill_(~torch.ones(L, L, dtype=torch.bool, device=x.device).tril(), -1e4)
+        if self.rab is not None:
+            bias = bias + self.rab(L, buckets)  # (B or 1, L, L)
+        attn = F.silu(scores + bias.unsqueeze(-3))  # (B, H, L, L); 0 where j > i
+        # Dividing the (B, H, L, dv) output instead of the (B, H, L, L) weights: same result, less work.
+        o = (attn @ v) / self.normaliser(L, lengths, x.device)  # (B, H, L, dv)
+        o = o.transpose(1, 2).reshape(B, L, H * dv)  # (B, L, H*dv)
+
+        if cfg.output == "concat":
+            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (B, L, 3*H*dv)
+        else:
+            o = u * self.attn_norm(o)  # (B, L, H*dv)
+        return self.out(self.dropout(o)) + x
+
+    def normaliser(self, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor | float:
+        if self.cfg.attn_norm == "max_len":
+            return float(self.cfg.max_len)
+        if self.cfg.attn_norm == "batch_max":
+            return lengths.max().clamp(min=1).to(torch.float32)
+        # visible: query i sees keys 0..i -> i + 1 keys
+        return torch.arange(1, L + 1, device=device, dtype=torch.float32)[None, None, :, None]  # (1, 1, L, 1)
+
+
+class HSTU(nn.Module):
+    def __init__(self, cfg: HSTUConfig, num_items: int):
+        super().__init__()
+        self.cfg = cfg
+        self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        B, L = batch.items.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
+        x = self.item_embedding(batch.items) * math.sqrt(self.cfg.dim)  # (B, L, D)
+        x = x + self.position_embedding(torch.arange(L, device=x.device))[None]
+        x = self.dropout(x) * mask
+        buckets = None
+        if self.cfg.relative_bias == "position_time" and batch.timestamps is not None:
+            query_time = batch.query_time if batch.query_time is not None else batch.timestamps
+            buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
+        for layer in self.layers:
+            x = layer(x, batch.lengths, buckets) * mask
+        if self.cfg.output_l2_norm:
+            x = F.normalize(x, dim=-1, eps=1e-6)
+        return x  # (B, L, D)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""
+        return self.item_embedding.weight

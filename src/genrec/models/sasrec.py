@@ -1,0 +1,118 @@
+"""SASRec: self-attentive sequential recommendation.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
+Configured as the SASRec baseline of the HSTU paper (generative-recommenders, ML-1M presets).
+
+Deviations from the original paper, all standard in later reimplementations:
+- pre-LayerNorm blocks (the original normalises only the query input of attention), a final LayerNorm;
+- fused causal attention through ``torch.nn.functional.scaled_dot_product_attention``;
+- the feed-forward activation is a switch (``gelu`` default; the HSTU repository's preset uses ``relu``);
+- the training objective lives in ``genrec.losses`` (the paper used BCE with one negative; the HSTU
+  baseline uses sampled softmax), and scoring is a dot product with the item embedding table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.data.batches import Batch
+
+
+@dataclass
+class SASRecConfig:
+    dim: int = 50  # item embedding and hidden size D
+    num_blocks: int = 2
+    num_heads: int = 1
+    ffn_dim: int = 50  # feed-forward hidden size
+    ffn_activation: str = "gelu"  # gelu | relu
+    dropout: float = 0.2
+    max_len: int = 200  # size of the position table; histories longer than this are cut
+    scale_embeddings: bool = True  # multiply item embeddings by sqrt(D) (as in the reference code)
+
+    def validate(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        if self.ffn_activation not in ("gelu", "relu"):
+            raise ValueError(f"model.ffn_activation must be gelu or relu, got {self.ffn_activation!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
+        # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: str, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.num_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.ffn_activation, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x)))
+        return x + self.dropout(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig, num_items: int):
+        super().__init__()
+        self.cfg = cfg
+        self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.final_ln = nn.LayerNorm(cfg.dim)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        items = batch.items
+        B, L = items.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
+        x = self.item_embedding(items)  # (B, L, D)
+        if self.cfg.scale_embeddings:
+            x = x * math.sqrt(self.cfg.dim)
+        x = x + self.position_embedding(torch.arange(L, device=items.device))[None]
+        x = self.dropout(x) * mask
+        for block in self.blocks:
+            x = block(x) * mask
+        return self.final_ln(x) * mask  # (B, L, D)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""
+        return self.item_embedding.weight

@@ -1,0 +1,216 @@
+"""The training loop: explicit, no framework.
+
+``train(cfg, run_dir)`` loads the prepared dataset, splits it, builds the model and the loss, and runs
+AdamW for ``train.epochs`` epochs. Every ``eval_every`` epochs it ranks the validation targets; the
+best validation ``eval.select_metric`` selects the checkpoint (``best.pt``) and drives early stopping.
+The test split is evaluated once, at the end, with the best checkpoint. ``last.pt`` is written after
+every epoch, so ``train(..., resume=True)`` continues the same run: same weights, optimiser state,
+RNG state and data order as an uninterrupted run.
+
+Run directory::
+
+    config.toml     the resolved configuration
+    metrics.jsonl   one JSON object per epoch / evaluation
+    best.pt         weights selected on validation + config + vocabulary (for evaluate / recommend)
+    last.pt         everything needed to resume
+    report.json     validation and test metrics with their protocol
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec import __version__
+from genrec.config import Config
+from genrec.data.batches import TrainLoader
+from genrec.data.split import Split, make_split
+from genrec.data.store import SequenceStore
+from genrec.eval.ranking import Report, evaluate_model, evaluate_popularity
+from genrec.losses import Loss
+from genrec.models import build_model
+from genrec.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+class RunError(RuntimeError):
+    """A run directory cannot be used as asked (exists, missing checkpoint...)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def item_counts(store: SequenceStore, split: Split) -> torch.Tensor:
+    """(I + 1,) number of training events per item (row 0 = padding, always 0)."""
+    user_of_row = np.repeat(np.arange(store.num_users), np.diff(store.offsets))
+    in_train = np.arange(store.num_events) < split.train_end[user_of_row]
+    return torch.from_numpy(np.bincount(np.asarray(store.items)[in_train], minlength=store.num_items + 1))
+
+
+class MetricsLog:
+    """Appends one JSON line per record to metrics.jsonl and echoes a short line to the console."""
+
+    def __init__(self, path: Path, echo=print):
+        self.path, self.echo = path, echo
+
+    def write(self, record: dict, line: str | None = None) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if line and self.echo:
+            self.echo(line)
+
+
+def _selected(report: Report, metric: str) -> float:
+    return report.metrics[metric]
+
+
+def _resume_view(config: dict) -> dict:
+    """The parts of a config that must not change on resume (epochs, threads and device may)."""
+    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "threads", "device")}
+    return {**config, "train": train}
+
+
+def load_data(cfg: Config) -> tuple[SequenceStore, Split]:
+    store = SequenceStore.load(cfg.data.path)
+    return store, make_split(store, cfg.data.split, cfg.data.temporal_valid, cfg.data.temporal_test)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+          echo=print) -> dict:
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not last_path.is_file():
+        raise RunError(f"cannot resume: {last_path} not found")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = sys.stderr.isatty() if progress is None else progress
+
+    tc = cfg.train
+    seed_everything(tc.seed)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+
+    store, split = load_data(cfg)
+    counts = item_counts(store, split)
+    model = build_model(cfg.model, store.num_items).to(device)
+    loss_fn = Loss(cfg.loss, store.num_items, counts)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed)
+    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "stopped": False}
+
+    if resume:
+        ckpt = load_checkpoint(last_path, map_location=device)
+        if _resume_view(ckpt["config"]) != _resume_view(cfg.to_dict()):
+            raise RunError(f"{run_dir}: the config differs from the one the run started with; "
+                           f"resume with the same config (see {run_dir / 'config.toml'})")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
+        state = dict(ckpt["state"])
+        echo(f"resuming {run_dir} at epoch {state['epoch']}")
+    else:
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+
+    log = MetricsLog(run_dir / "metrics.jsonl", echo)
+    n_params = sum(p.numel() for p in model.parameters())
+    echo(f"{type(model).__name__}: {n_params:,} parameters; {store.num_users:,} users, {store.num_items:,} items; "
+         f"{len(loader)} steps/epoch; device {device}; {torch.get_num_threads()} threads")
+
+    def base_state() -> dict:
+        return {"config": cfg.to_dict(), "item_vocab": store.item_vocab.state(), "item_counts": counts,
+                "dataset": {"path": str(cfg.data.path), "counts": store.manifest.get("counts", {})},
+                "genrec_version": __version__}
+
+    def validate() -> Report:
+        return evaluate_model(model, loss_fn.scorer, store, split.valid, "valid", split.description,
+                              cfg.data.max_len, cfg.eval.ks, cfg.eval.batch_size, cfg.eval.item_chunk,
+                              cfg.eval.exclude_history, device)
+
+    from tqdm.auto import tqdm
+
+    while state["epoch"] < tc.epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        model.train()
+        t0, tokens, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for batch in bar:
+            if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
+                break
+            batch = batch.to(device)
+            hidden = model(batch)
+            loss = loss_fn(hidden, batch.targets, model.item_vectors())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            steps += 1
+            tokens += int((batch.targets > 0).sum())
+            loss_sum += float(loss.detach())
+            if progress:
+                bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "train_loss": loss_sum / max(1, steps), "seconds": round(seconds, 3),
+                  "steps": steps, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+        line = f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
+        state["epoch"] = epoch + 1
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            report = validate()
+            value = _selected(report, cfg.eval.select_metric)
+            record["valid"] = report.metrics
+            line += "  valid " + "  ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k.endswith("@10"))
+            if value > state["best_metric"]:
+                state.update(best_metric=value, best_epoch=epoch, bad_evals=0)
+                save_checkpoint({**base_state(), "model": model.state_dict(), "epoch": epoch,
+                                 "valid": report.metrics}, best_path)
+                line += "  *"
+            else:
+                state["bad_evals"] += 1
+                if tc.patience and state["bad_evals"] >= tc.patience:
+                    state["stopped"] = True
+                    line += f"  (early stop: no gain in {tc.patience} validations)"
+        log.write(record, line)
+        if tc.keep_checkpoints or state["epoch"] >= tc.epochs or state["stopped"]:
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "rng": rng, "state": state}, last_path)
+
+    return finish(cfg, run_dir, model, loss_fn, store, split, device, log, echo)
+
+
+def finish(cfg: Config, run_dir: Path, model, loss_fn: Loss, store: SequenceStore, split: Split, device,
+           log: MetricsLog, echo=print) -> dict:
+    """Evaluate the test split once with the checkpoint selected on validation; write report.json."""
+    best = load_checkpoint(run_dir / "best.pt", map_location=device)
+    model.load_state_dict(best["model"])
+    test = evaluate_model(model, loss_fn.scorer, store, split.test, "test", split.description, cfg.data.max_len,
+                          cfg.eval.ks, cfg.eval.batch_size, cfg.eval.item_chunk, cfg.eval.exclude_history, device)
+    pop = evaluate_popularity(store, split.train_end, split.test, "test", split.description, cfg.data.max_len,
+                              cfg.eval.ks, cfg.eval.exclude_history)
+    report = {"model": cfg.to_dict()["model"]["name"], "best_epoch": best["epoch"], "valid": best["valid"],
+              "test": test.metrics, "popularity_test": pop.metrics, "protocol": test.protocol,
+              "num_test_users": test.num_users}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    log.write({"final": True, **report})
+    return report

@@ -1,0 +1,310 @@
+"""Losses against straightforward per-position reference implementations, values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrec.config import LossConfig
+from genrec.losses import Loss, bce, full_softmax, in_batch, negative_scores, sampled_softmax
+
+
+def _inputs(N=9, D=4, num_items=12, seed=0, duplicates=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, D, generator=g)
+    items = torch.randn(num_items + 1, D, generator=g)
+    targets = torch.randint(1, num_items + 1, (N,), generator=g)
+    if duplicates:
+        targets[1] = targets[0]
+        targets[4] = targets[0]
+        targets[5] = targets[3]
+    return q, targets, items
+
+
+def _grads(fn, q, items):
+    q, items = q.clone().requires_grad_(True), items.clone().requires_grad_(True)
+    loss = fn(q, items)
+    loss.backward()
+    return loss.detach(), q.grad, items.grad
+
+
+def _log_softmax_at(logits: list[float], index: int) -> torch.Tensor:
+    t = torch.stack(logits) if isinstance(logits[0], torch.Tensor) else torch.tensor(logits)
+    return t[index] - torch.logsumexp(t, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# full softmax
+
+
+def _full_softmax_brute(q, targets, items, temperature):
+    total = 0.0
+    for n in range(len(q)):
+        logits = [q[n] @ items[i] / temperature for i in range(1, len(items))]  # item 0 is never a candidate
+        total = total - _log_softmax_at(logits, int(targets[n]) - 1)
+    return total / len(q)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 4, 9, 100])
+def test_full_softmax_chunking_matches_brute_force(chunk_size):
+    q, targets, items = _inputs()
+    got = _grads(lambda q, it: full_softmax(q, targets, it, 0.5, chunk_size=chunk_size), q, items)
+    want = _grads(lambda q, it: _full_softmax_brute(q, targets, it, 0.5), q, items)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[2][0].abs().sum() == 0  # the padding row gets no gradient
+
+
+def test_full_softmax_no_grad_path():
+    q, targets, items = _inputs()
+    with torch.no_grad():
+        chunked = full_softmax(q, targets, items, 0.2, chunk_size=2)
+    torch.testing.assert_close(chunked, _full_softmax_brute(q, targets, items, 0.2), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampled softmax
+
+
+def _sampled_brute(q, targets, items, negatives, temperature, log_q=None):
+    total = 0.0
+    for n in range(len(q)):
+        t = int(targets[n])
+        logits = [q[n] @ items[t] / temperature - (log_q[t] if log_q is not None else 0.0)]
+        for r in negatives[n].tolist():
+            if r == t:
+                continue  # accidental hit: not a negative
+            logits.append(q[n] @ items[r] / temperature - (log_q[r] if log_q is not None else 0.0))
+        total = total - _log_softmax_at(logits, 0)
+    return total / len(q)
+
+
+@pytest.mark.parametrize("num_items,num_negatives", [(12, 5), (5, 8), (300, 2)])
+@pytest.mark.parametrize("with_log_q", [False, True])
+def test_sampled_softmax_matches_loop_with_same_negatives(num_items, num_negatives, with_log_q):
+    q, targets, items = _inputs(num_items=num_items, seed=1)
+    log_q = torch.log_softmax(torch.randn(num_items + 1), 0) if with_log_q else None
+    negatives = torch.randint(1, num_items + 1, (len(q), num_negatives),
+                              generator=torch.Generator().manual_seed(123))
+    if num_items == 5:  # a small catalogue: accidental hits must occur for the check to mean anything
+        assert (negatives == targets[:, None]).any()
+    got = _grads(lambda q, it: sampled_softmax(q, targets, it, num_items, num_negatives, 0.1, log_q,
+                                               generator=torch.Generator().manual_seed(123)), q, items)
+    want = _grads(lambda q, it: _sampled_brute(q, targets, it, negatives, 0.1, log_q), q, items)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_sampled_softmax_uses_global_rng_when_no_generator(monkeypatch):
+    q, targets, items = _inputs(seed=2)
+    drawn = {}
+    real_randint = torch.randint
+
+    def spy(*args, **kwargs):
+        out = real_randint(*args, **kwargs)
+        drawn["neg"] = out
+        return out
+
+    monkeypatch.setattr(torch, "randint", spy)
+    torch.manual_seed(5)
+    loss = sampled_softmax(q, targets, items, 12, 6, 0.3)
+    negatives = drawn["neg"]
+    assert negatives.shape == (len(q), 6) and negatives.min() >= 1 and negatives.max() <= 12
+    torch.testing.assert_close(loss, _sampled_brute(q, targets, items, negatives, 0.3), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    torch.testing.assert_close(sampled_softmax(q, targets, items, 12, 6, 0.3), loss, atol=0, rtol=0)
+
+
+def test_sampled_softmax_all_negatives_are_hits():
+    """With a single item every negative is the target: all are masked and the loss is zero."""
+    q, _, items = _inputs(num_items=1, seed=3)
+    targets = torch.ones(len(q), dtype=torch.long)
+    loss = sampled_softmax(q, targets, items, num_items=1, num_negatives=4, temperature=0.05)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_negative_scores_branches_agree():
+    """Dense gather (small catalogue) vs embedding gather (large catalogue) on the same negatives."""
+    g = torch.Generator().manual_seed(4)
+    N, D, R, I = 6, 5, 3, 20
+    q = torch.randn(N, D, generator=g)
+    table = torch.randn(I + 1, D, generator=g)
+    negatives = torch.randint(1, I + 1, (N, R), generator=g)
+    extra = torch.randn(64 * R, D, generator=g)  # rows never sampled, only there to switch the branch
+
+    def run(big: bool):
+        qq, tt = q.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        items = torch.cat([tt, extra]) if big else tt
+        assert (items.shape[0] > 64 * R) == big
+        out = negative_scores(qq, items, negatives)
+        (out * torch.arange(1.0, out.numel() + 1).view_as(out)).sum().backward()
+        return out.detach(), qq.grad, tt.grad
+
+    small, large = run(False), run(True)
+    expected = torch.stack([torch.stack([q[n] @ table[r] for r in negatives[n]]) for n in range(N)])
+    torch.testing.assert_close(small[0], expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# in-batch negatives
+
+
+def _in_batch_brute(q, targets, items, temperature, log_q=None):
+    total = 0.0
+    N = len(q)
+    for n in range(N):
+        logits, label = [], None
+        for m in range(N):
+            if m != n and targets[m] == targets[n]:
+                continue  # a copy of the target is not a negative
+            if m == n:
+                label = len(logits)
+            t = int(targets[m])
+            logits.append(q[n] @ items[t] / temperature - (log_q[t] if log_q is not None else 0.0))
+        total = total - _log_softmax_at(logits, label)
+    return total / N
+
+
+@pytest.mark.parametrize("with_log_q", [False, True])
+def test_in_batch_matches_loop_and_masks_duplicate_targets(with_log_q):
+    q, targets, items = _inputs(duplicates=True, seed=5)
+    log_q = torch.log_softmax(torch.randn(len(items)), 0) if with_log_q else None
+    got = _grads(lambda q, it: in_batch(q, targets, it, 2.0, log_q), q, items)
+    want = _grads(lambda q, it: _in_batch_brute(q, targets, it, 2.0, log_q), q, items)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # without the duplicate mask the value would differ (the check above is meaningful)
+    unmasked = F.cross_entropy((q @ items[targets].T) / 2.0 - (log_q[targets][None] if with_log_q else 0),
+                               torch.arange(len(q)))
+    assert abs(float(got[0]) - float(unmasked)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# binary cross-entropy
+
+
+def test_bce_matches_loop():
+    num_items = 4  # small, so accidental hits occur
+    q, targets, items = _inputs(num_items=num_items, N=12, seed=6)
+    negatives = torch.randint(1, num_items + 1, targets.shape, generator=torch.Generator().manual_seed(9))
+    assert (negatives == targets).any()
+
+    def brute(q, it):
+        total = 0.0
+        for n in range(len(q)):
+            pos = q[n] @ it[targets[n]] / 0.5
+            total = total - F.logsigmoid(pos)
+            if negatives[n] != targets[n]:
+                neg = q[n] @ it[negatives[n]] / 0.5
+                total = total - F.logsigmoid(-neg)
+        return total / len(q)
+
+    got = _grads(lambda q, it: bce(q, targets, it, num_items, 0.5, generator=torch.Generator().manual_seed(9)),
+                 q, items)
+    want = _grads(brute, q, items)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Loss wrapper
+
+
+def _hidden_and_targets(seed=7, B=3, L=5, D=4, num_items=12):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, L, D, generator=g) * 3
+    targets = torch.randint(1, num_items + 1, (B, L), generator=g)
+    targets[0, 3:] = 0
+    targets[2, 1:] = 0
+    table = torch.randn(num_items + 1, D, generator=g) * 2
+    return hidden, targets, table
+
+
+@pytest.mark.parametrize("name", ["full_softmax", "sampled_softmax", "in_batch", "bce"])
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_loss_wrapper_ignores_padding_targets(name, l2_norm):
+    cfg = LossConfig(name=name, num_negatives=5, temperature=0.3, l2_norm=l2_norm, chunk_size=2)
+    loss_fn = Loss(cfg, num_items=12)
+    hidden, targets, table = _hidden_and_targets()
+    h1 = hidden.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    l1 = loss_fn(h1, targets, table)
+    l1.backward()
+    assert torch.all(h1.grad[targets == 0] == 0)
+    assert h1.grad[targets > 0].abs().sum() > 0
+    h2 = hidden.clone()
+    h2[targets == 0] = torch.randn(int((targets == 0).sum()), hidden.shape[-1]) * 100
+    torch.manual_seed(0)
+    torch.testing.assert_close(loss_fn(h2, targets, table), l1.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full_softmax", "sampled_softmax", "in_batch", "bce"])
+def test_loss_wrapper_l2_norm(name):
+    hidden, targets, table = _hidden_and_targets()
+    valid = targets > 0
+    q, t = hidden[valid], targets[valid]
+    qn, tn = q / q.norm(dim=-1, keepdim=True), table / table.norm(dim=-1, keepdim=True)
+    direct = {
+        "full_softmax": lambda q, it: full_softmax(q, t, it, 0.3),
+        "sampled_softmax": lambda q, it: sampled_softmax(q, t, it, 12, 5, 0.3),
+        "in_batch": lambda q, it: in_batch(q, t, it, 0.3),
+        "bce": lambda q, it: bce(q, t, it, 12, 0.3),
+    }[name]
+    for l2_norm, (qq, it) in [(True, (qn, tn)), (False, (q, table))]:
+        loss_fn = Loss(LossConfig(name=name, num_negatives=5, temperature=0.3, l2_norm=l2_norm), num_items=12)
+        torch.manual_seed(1)
+        got = loss_fn(hidden, targets, table)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, direct(qq, it), atol=1e-5, rtol=1e-5)
+    # cosine scoring is invariant to the scale of queries and items; dot scoring is not
+    cos = Loss(LossConfig(name=name, num_negatives=5, temperature=0.3, l2_norm=True), num_items=12)
+    dot = Loss(LossConfig(name=name, num_negatives=5, temperature=0.3, l2_norm=False), num_items=12)
+    results = []
+    for fn in (cos, dot):
+        torch.manual_seed(2)
+        a = fn(hidden, targets, table)
+        torch.manual_seed(2)
+        b = fn(hidden * 7, targets, table * 0.5)
+        results.append(torch.allclose(a, b, atol=1e-5))
+    assert results == [True, False]
+
+
+def test_loss_wrapper_in_batch_logq_uses_training_frequencies():
+    hidden, targets, table = _hidden_and_targets()
+    counts = torch.arange(13) * 3
+    counts[0] = 0
+    loss_fn = Loss(LossConfig(name="in_batch", temperature=0.3, l2_norm=True, logq_correction=True), 12, counts)
+    p = counts.float().clamp(min=1)
+    log_q = torch.log(p / p.sum())
+    valid = targets > 0
+    q = F.normalize(hidden[valid], dim=-1)
+    want = _in_batch_brute(q, targets[valid], F.normalize(table, dim=-1), 0.3, log_q)
+    torch.testing.assert_close(loss_fn(hidden, targets, table), want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_wrapper_unknown_name():
+    hidden, targets, table = _hidden_and_targets()
+    with pytest.raises(ValueError, match="unknown loss"):
+        Loss(LossConfig(name="nope"), 12)(hidden, targets, table)
+
+
+def test_sampled_softmax_logq_correction_is_a_noop_for_uniform_negatives():
+    """BUG CHECK. losses/__init__.py says the sampled-softmax logQ correction is "a no-op for uniform
+    sampling" and LossConfig.logq_correction says "subtract log sampling probability"; the negatives
+    are drawn uniformly, yet ``Loss`` passes the items' *training frequencies* as log_q, which changes
+    the objective. With uniform negatives, the correction must leave the loss unchanged."""
+    hidden, targets, table = _hidden_and_targets()
+    counts = torch.tensor([0, 100, 1, 1, 50, 1, 1, 1, 20, 1, 1, 1, 7])
+    cfg = LossConfig(name="sampled_softmax", num_negatives=5, temperature=0.3)
+    plain = Loss(cfg, 12, counts)
+    corrected = Loss(LossConfig(**{**cfg.__dict__, "logq_correction": True}), 12, counts)
+    torch.manual_seed(3)
+    a = plain(hidden, targets, table)
+    torch.manual_seed(3)
+    b = corrected(hidden, targets, table)
+    assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)

@@ -1,0 +1,190 @@
+"""End-to-end training on the tiny synthetic dataset: run artefacts, exact resume, checkpoints, quality."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genrec.config import load_config
+from genrec.train.trainer import RunError, train
+
+MODEL_KEYS = {
+    "sasrec": {"ffn_dim": 32},
+    "hstu": {"qk_dim": 16, "v_dim": 16},
+}
+
+
+def tiny_config(data_dir, model="hstu", **train_overrides):
+    raw = {
+        "data": {"path": str(data_dir), "max_len": 20},
+        "model": {"name": model, "dim": 16, "num_blocks": 1, "dropout": 0.1, **MODEL_KEYS[model]},
+        "loss": {"name": "sampled_softmax", "num_negatives": 32, "temperature": 0.1},
+        "train": {"epochs": 3, "batch_size": 32, "eval_every": 1, "threads": 1, "lr": 5e-3, "patience": 0,
+                  **train_overrides},
+        "eval": {"ks": [10, 50]},
+    }
+    return load_config(base=raw)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def epoch_records(path):
+    """Per-epoch records without wall-clock fields."""
+    return {r["epoch"]: {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
+            for r in read_jsonl(path) if "epoch" in r}
+
+
+@pytest.fixture(scope="module", params=["hstu", "sasrec"])
+def full_run(request, tiny_data_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch run (run A of the resume test)."""
+    run_dir = tmp_path_factory.mktemp("runs") / f"{request.param}-a"
+    report = train(tiny_config(tiny_data_dir, request.param), run_dir, echo=quiet)
+    return request.param, run_dir, report
+
+
+def test_run_writes_all_artefacts(full_run):
+    model, run_dir, report = full_run
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["best.pt", "config.toml", "last.pt", "metrics.jsonl", "report.json"]  # no temp files left
+    assert load_config(run_dir / "config.toml").to_dict()["model"]["name"] == model
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["model"] == model
+    assert set(on_disk["test"]) == {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"}
+    assert all(0.0 <= v <= 1.0 for v in on_disk["test"].values())
+    assert "full ranking" in on_disk["protocol"] and "leave-one-out" in on_disk["protocol"]
+    assert "history excluded" in on_disk["protocol"]
+    assert on_disk["num_test_users"] == 200
+    assert set(on_disk["popularity_test"]) == set(on_disk["test"])
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    epochs = [r for r in records if "epoch" in r and not r.get("final")]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert all("valid" in r and r["steps"] == 7 and r["train_loss"] > 0 for r in epochs)
+    assert records[-1]["final"] is True and records[-1]["test"] == on_disk["test"]
+    # the test split is evaluated with the checkpoint that was best on validation
+    best = max(epochs, key=lambda r: (r["valid"]["ndcg@10"], -r["epoch"]))
+    assert on_disk["best_epoch"] == best["epoch"] and on_disk["valid"] == best["valid"]
+
+
+def test_checkpoints_load_with_weights_only(full_run):
+    model, run_dir, _ = full_run
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    for ckpt in (best, last):
+        assert ckpt["config"]["model"]["name"] == model
+        assert "item_vocab" in ckpt and "item_embedding.weight" in ckpt["model"]
+        assert ckpt["model"]["item_embedding.weight"].shape == (121, 16)
+    assert last["state"]["epoch"] == 3
+    assert {"optimizer", "rng"} <= set(last)
+    assert best["epoch"] == json.loads((run_dir / "report.json").read_text())["best_epoch"]
+
+
+def test_resume_equals_uninterrupted(full_run, tiny_data_dir, tmp_path):
+    model, run_a, report_a = full_run
+    run_b = tmp_path / "b"
+    train(tiny_config(tiny_data_dir, model, epochs=1), run_b, echo=quiet)
+    assert torch.load(run_b / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    report_b = train(tiny_config(tiny_data_dir, model, epochs=3), run_b, resume=True, echo=quiet)
+
+    a = torch.load(run_a / "last.pt", weights_only=True)
+    b = torch.load(run_b / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-6, rtol=0, msg=key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], atol=1e-6, rtol=0)
+    assert a["state"] == b["state"]
+    assert epoch_records(run_b / "metrics.jsonl") == epoch_records(run_a / "metrics.jsonl")
+    assert report_b == report_a
+    assert json.loads((run_b / "report.json").read_text()) == json.loads((run_a / "report.json").read_text())
+
+
+def test_refuses_non_empty_run_dir_without_resume(full_run, tiny_data_dir):
+    model, run_dir, _ = full_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(RunError, match="resume"):
+        train(tiny_config(tiny_data_dir, model), run_dir, echo=quiet)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # nothing already written is lost
+
+
+def test_resume_errors(tiny_data_dir, tmp_path):
+    with pytest.raises(RunError, match="last.pt"):
+        train(tiny_config(tiny_data_dir), tmp_path / "nothing", resume=True, echo=quiet)
+    run = tmp_path / "r"
+    train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=1), run, echo=quiet)
+    with pytest.raises(RunError, match="config differs"):
+        train(tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=1, lr=1e-2), run, resume=True, echo=quiet)
+
+
+def test_early_stopping(tiny_data_dir, tmp_path):
+    """lr = 0: validation never improves after the first evaluation, so patience 2 stops after 3 epochs."""
+    run = tmp_path / "stop"
+    report = train(tiny_config(tiny_data_dir, epochs=10, lr=0.0, patience=2, max_steps_per_epoch=1), run,
+                   echo=quiet)
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]
+    assert epochs == [0, 1, 2]
+    assert report["best_epoch"] == 0
+    assert torch.load(run / "last.pt", weights_only=True)["state"]["stopped"] is True
+
+
+@pytest.mark.parametrize("model", ["sasrec", "hstu"])
+def test_learns_beyond_popularity(tiny_data_dir, tmp_path, model):
+    report = train(tiny_config(tiny_data_dir, model, epochs=5), tmp_path / model, echo=quiet)
+    pop = report["popularity_test"]["hr@10"]
+    assert pop > 0.1  # a meaningful baseline on this data
+    assert report["test"]["hr@10"] >= 2 * pop, report
+
+
+@pytest.mark.parametrize("loss,split,model", [
+    ("full_softmax", "leave_one_out", "hstu"),
+    ("in_batch", "temporal", "sasrec"),
+    ("bce", "leave_one_out", "sasrec"),
+    ("sampled_softmax", "temporal", "hstu"),
+])
+def test_every_loss_and_split_trains(tiny_data_dir, tmp_path, loss, split, model):
+    cfg = tiny_config(tiny_data_dir, model, epochs=1, max_steps_per_epoch=2)
+    cfg.loss.name, cfg.data.split = loss, split
+    report = train(cfg, tmp_path / "run", echo=quiet)
+    record = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert record["steps"] == 2 and 0 < record["train_loss"] < 1e3
+    assert record["tokens"] > 0
+    assert ("temporal" in report["protocol"]) == (split == "temporal")
+    assert 0 < report["num_test_users"] <= 200
+
+
+def test_production_hstu_trains(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, "hstu", epochs=1, max_steps_per_epoch=2)
+    for key in ("silu", "attn_scale", "attn_norm", "output", "ln_affine"):
+        setattr(cfg.model, key, getattr(type(cfg.model).production(), key))
+    train(cfg, tmp_path / "run", echo=quiet)
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert "layers.0.attn_norm.weight" in state and state["layers.0.out.weight"].shape == (16, 3 * 16)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from genrec.train import checkpoint as ck
+
+    path = tmp_path / "x.pt"
+    ck.save_checkpoint({"w": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ck.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temp file left behind
+    torch.testing.assert_close(ck.load_checkpoint(path)["w"], torch.ones(3))  # the old checkpoint survives
+    with pytest.raises(FileNotFoundError):
+        ck.load_checkpoint(tmp_path / "missing.pt")
