@@ -79,6 +79,19 @@ def _selected(report: Report, metric: str) -> float:
     return report.metrics[metric]
 
 
+def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Optimizer, batch,
+               grad_clip: float = 0.0) -> tuple[float, int]:
+    """One optimisation step on one batch; returns (loss, number of predicted positions)."""
+    hidden = model(batch)  # (B, L, D)
+    loss = loss_fn(hidden, batch.targets, model.item_vectors())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach()), int((batch.targets > 0).sum())
+
+
 def _resume_view(config: dict) -> dict:
     """The parts of a config that must not change on resume (epochs, threads and device may)."""
     train = {k: v for k, v in config["train"].items() if k not in ("epochs", "threads", "device")}
@@ -155,17 +168,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         for batch in bar:
             if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
                 break
-            batch = batch.to(device)
-            hidden = model(batch)
-            loss = loss_fn(hidden, batch.targets, model.item_vectors())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
+            loss, n_tokens = train_step(model, loss_fn, optimizer, batch.to(device), tc.grad_clip)
             steps += 1
-            tokens += int((batch.targets > 0).sum())
-            loss_sum += float(loss.detach())
+            tokens += n_tokens
+            loss_sum += loss
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
         seconds = time.perf_counter() - t0
