@@ -129,3 +129,20 @@ def test_timestamp_parsing(values, expected):
 def test_timestamp_error_names_row():
     with pytest.raises(DatasetError, match=r"f.csv: row 2: timestamp 'soon'"):
         timestamps_to_numpy(pa.chunked_array([pa.array(["1", "soon"])]), "f.csv", "ts")
+
+
+def test_ratings_column_round_trip(tmp_path):
+    from genrec.data.datasets import grouplens, table
+
+    csv = tmp_path / "log.csv"
+    csv.write_text("u,i,t,r\n1,a,2,4.5\n1,b,1,3\n2,a,1,5\n")
+    s = table(csv, user_col="u", item_col="i", time_col="t", rating_col="r")
+    assert s.ratings.tolist() == [3.0, 4.5, 5.0]  # sorted with their events
+    s.save(tmp_path / "ds")
+    assert SequenceStore.load(tmp_path / "ds").ratings.tolist() == [3.0, 4.5, 5.0]
+    with pytest.raises(DatasetError, match="rating column 'i'"):
+        table(csv, user_col="u", item_col="i", rating_col="i")
+    dat = tmp_path / "ratings.dat"
+    dat.write_text("1::10::5::100\n1::11::3::50\n")
+    g = grouplens(dat)
+    assert g.ratings.tolist() == [3.0, 5.0] and g.manifest["actions"] == ["3", "5"]

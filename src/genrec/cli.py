@@ -50,7 +50,8 @@ def main() -> None:
 @click.option("--user-col", default="user", show_default=True, help="table: user id column")
 @click.option("--item-col", default="item", show_default=True, help="table: item id column")
 @click.option("--time-col", default=None, help="table: timestamp column (unix seconds or ISO date/time)")
-@click.option("--action-col", default=None, help="table: per-event action type / rating column")
+@click.option("--action-col", default=None, help="table: per-event action type column (any values)")
+@click.option("--rating-col", default=None, help="table: per-event numeric rating column")
 @click.option("--sep", default=None, help="table: CSV delimiter (default: ',' for .csv, tab for .tsv)")
 @click.option("--format", "table_format", type=click.Choice(["csv", "tsv", "parquet", "jsonl"]), default=None,
               help="table: file format (default: from the suffix)")
@@ -60,7 +61,7 @@ def main() -> None:
 @click.option("--min-item-count", default=0, show_default=True, help="k-core: keep items with at least this many events")
 @click.option("--download", is_flag=True, help="grouplens: download INPUT (ml-1m, ml-20m, ...) from GroupLens first")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, sep, table_format, dedup,
+def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rating_col, sep, table_format, dedup,
             min_user_count, min_item_count, download, overwrite):
     """Turn raw interaction logs into a prepared dataset directory OUT.
 
@@ -90,7 +91,8 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, sep,
             store = generate(PRESETS[input_path])
         elif fmt == "table":
             store = datasets.table(input_path, user_col=user_col, item_col=item_col, time_col=time_col,
-                                   action_col=action_col, fmt=table_format, sep=sep, **filters)
+                                   action_col=action_col, rating_col=rating_col, fmt=table_format, sep=sep,
+                                   **filters)
         elif fmt == "grouplens":
             path = input_path
             if download:

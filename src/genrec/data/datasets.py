@@ -495,7 +495,8 @@ def recbole(path: str | Path, user_col: str = "user_id", item_col: str = "item_i
     inputs = [path] + [p for p in (item_file, user_file) if p.is_file()]
     src = _source("recbole", inputs, time_col=time_col if ts is not None else None,
                   action_col=action_col if actions is not None else None)
-    store = build_store(users, items, ts, actions, source=src, **filters)
+    ratings = col.to_numpy() if actions is not None and pa.types.is_floating(col.type) else None
+    store = build_store(users, items, ts, actions, ratings, source=src, **filters)
     return _attach_side(store,
                         _recbole_side(item_file, item_col, "item_id") if item_file.is_file() else None,
                         _recbole_side(user_file, user_col, "user_id") if user_file.is_file() else None)
@@ -569,7 +570,8 @@ def grouplens(path: str | Path, **filters) -> SequenceStore:
         user_file = folder / "users.dat"
         read_items, read_users = _read_movies, _read_users_dat
     inputs = [path] + [p for p in (item_file, user_file) if p.is_file()]
-    store = build_store(users, items, ts, actions, source=_source("grouplens", inputs), **filters)
+    store = build_store(users, items, ts, actions, table.column("rating").to_numpy(),
+                        source=_source("grouplens", inputs), **filters)
     return _attach_side(store,
                         read_items(item_file) if item_file.is_file() else None,
                         read_users(user_file) if user_file.is_file() else None)
@@ -581,15 +583,15 @@ def grouplens(path: str | Path, **filters) -> SequenceStore:
 
 def table(path: str | Path, user_col: str = "user", item_col: str = "item", time_col: str | None = None,
           action_col: str | None = None, fmt: str | None = None, sep: str | None = None,
-          **filters) -> SequenceStore:
+          rating_col: str | None = None, **filters) -> SequenceStore:
     """Any CSV / TSV / Parquet / JSONL file with one interaction per row and named columns."""
     _check_filters(filters)
     path = Path(path)
     tab = read_table(path, fmt=fmt, sep=sep)
     src = _source("table", [path], fmt=fmt, sep=sep, user_col=user_col, item_col=item_col,
-                  time_col=time_col, action_col=action_col)
+                  time_col=time_col, action_col=action_col, rating_col=rating_col)
     return store_from_table(tab, path, user_col=user_col, item_col=item_col, time_col=time_col,
-                            action_col=action_col, source=src, **filters)
+                            action_col=action_col, rating_col=rating_col, source=src, **filters)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def kcore_mask(users: np.ndarray, items: np.ndarray, min_user: int, min_item: in
 
 
 def build_store(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None,
-                actions: np.ndarray | None = None, *, dedup: str = "none", min_user_count: int = 0,
+                actions: np.ndarray | None = None, ratings: np.ndarray | None = None, *,
+                dedup: str = "none", min_user_count: int = 0,
                 min_item_count: int = 0, source: dict | None = None) -> SequenceStore:
     """Turn parallel event columns (raw ids) into a SequenceStore.
 
@@ -187,7 +188,7 @@ def build_store(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | N
     n = len(users)
     if n == 0:
         raise DatasetError("no interactions to prepare")
-    if len(items) != n or (timestamps is not None and len(timestamps) != n) or (actions is not None and len(actions) != n):
+    if any(c is not None and len(c) != n for c in (items, timestamps, actions, ratings)):
         raise DatasetError("event columns have different lengths")
     if dedup not in ("none", "exact", "pair"):
         raise DatasetError(f"dedup must be none, exact or pair, got {dedup!r}")
@@ -199,6 +200,7 @@ def build_store(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | N
     u, i = u[order], i[order]
     ts = timestamps[order] if timestamps is not None else None
     act = actions[order] if actions is not None else None
+    rat = np.asarray(ratings, dtype=np.float32)[order] if ratings is not None else None
 
     keep = np.ones(n, dtype=bool)
     if dedup != "none":
@@ -214,6 +216,7 @@ def build_store(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | N
         u, i = u[keep], i[keep]
         ts = ts[keep] if ts is not None else None
         act = act[keep] if act is not None else None
+        rat = rat[keep] if rat is not None else None
         # re-densify ids so that filtered-out users/items disappear from the vocabularies
         uu, u = np.unique(u, return_inverse=True)
         ii, i = np.unique(i, return_inverse=True)
@@ -237,12 +240,14 @@ def build_store(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | N
         item_vocab=Vocab(item_raw, start=1),
         timestamps=ts.astype(np.int64) if ts is not None else None,
         actions=action_store,
+        ratings=rat,
         manifest=manifest,
     )
 
 
 def store_from_table(table: pa.Table, path: str | Path, user_col: str = "user", item_col: str = "item",
-                     time_col: str | None = None, action_col: str | None = None, **kwargs) -> SequenceStore:
+                     time_col: str | None = None, action_col: str | None = None, rating_col: str | None = None,
+                     **kwargs) -> SequenceStore:
     users = ids_to_numpy(column(table, user_col, path, "user"))
     items = ids_to_numpy(column(table, item_col, path, "item"))
     ts = None
@@ -251,4 +256,10 @@ def store_from_table(table: pa.Table, path: str | Path, user_col: str = "user", 
     actions = None
     if action_col:
         actions = ids_to_numpy(column(table, action_col, path, "action"))
-    return build_store(users, items, ts, actions, **kwargs)
+    ratings = None
+    if rating_col:
+        col = column(table, rating_col, path, "rating")
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            raise DatasetError(f"{path}: rating column {rating_col!r} has type {col.type}; expected numbers")
+        ratings = col.to_numpy().astype(np.float32)
+    return build_store(users, items, ts, actions, ratings, **kwargs)

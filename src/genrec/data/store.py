@@ -6,7 +6,8 @@ A prepared dataset is a directory::
     offsets.npy          (U + 1,) int64: user u's events are rows offsets[u]:offsets[u+1]
     items.npy            (N,) int32 dense item ids, 1..num_items (0 is padding, never stored)
     timestamps.npy       (N,) int64 unix seconds (optional)
-    actions.npy          (N,) int16 action type ids (optional)
+    actions.npy          (N,) int16 action type ids, 1.. (optional; names in the manifest)
+    ratings.npy          (N,) float32 explicit ratings (optional)
     user_ids.json|npy    raw user id of dense user u (index u)
     item_ids.json|npy    raw item id of dense item i (index i - 1)
 
@@ -29,7 +30,7 @@ import numpy as np
 from genrec.data.vocab import Vocab
 
 FORMAT_VERSION = 1
-OPTIONAL_COLUMNS = ("timestamps", "actions")
+OPTIONAL_COLUMNS = ("timestamps", "actions", "ratings")
 
 
 class DatasetError(ValueError):
@@ -44,6 +45,7 @@ class SequenceStore:
     item_vocab: Vocab
     timestamps: np.ndarray | None = None  # (N,) int64
     actions: np.ndarray | None = None  # (N,) int16
+    ratings: np.ndarray | None = None  # (N,) float32
     manifest: dict = field(default_factory=dict)
 
     @property
@@ -78,6 +80,7 @@ class SequenceStore:
             },
             "has_timestamps": self.timestamps is not None,
             "has_actions": self.actions is not None,
+            "has_ratings": self.ratings is not None,
             "density": self.num_events / max(1, self.num_users * self.num_items),
         }
         if self.timestamps is not None and len(self.timestamps):
@@ -101,6 +104,8 @@ class SequenceStore:
                 np.save(tmp / "timestamps.npy", np.ascontiguousarray(self.timestamps, dtype=np.int64))
             if self.actions is not None:
                 np.save(tmp / "actions.npy", np.ascontiguousarray(self.actions, dtype=np.int16))
+            if self.ratings is not None:
+                np.save(tmp / "ratings.npy", np.ascontiguousarray(self.ratings, dtype=np.float32))
             self.user_vocab.save(tmp, "user_ids")
             self.item_vocab.save(tmp, "item_ids")
             manifest = {
@@ -154,6 +159,7 @@ class SequenceStore:
             item_vocab=Vocab.load(path, "item_ids"),
             timestamps=arr("timestamps"),
             actions=arr("actions"),
+            ratings=arr("ratings"),
             manifest=manifest,
         )
         if store.num_events != len(store.items):
