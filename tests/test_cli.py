@@ -138,3 +138,12 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert "protocol:" in out and "popularity" in out and "example recommendations" in out
     for name in ("sasrec", "hstu"):
         assert (tmp_path / "demo" / name / "report.json").is_file()
+
+
+def test_prepare_refuses_out_containing_input(tmp_path):
+    (tmp_path / "in").mkdir()
+    seq = tmp_path / "in" / "seq.txt"
+    seq.write_text("1 2 3\n2 3 4\n")
+    res = run("prepare", "s3rec", seq, tmp_path / "in", "--overwrite", ok=False)
+    assert res.exit_code != 0
+    assert seq.read_text() == "1 2 3\n2 3 4\n"

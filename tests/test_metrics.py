@@ -136,7 +136,7 @@ def _brute_ranks(store, examples, table, max_len, exclude_history):
         for i in range(1, len(table)):  # item 0 is padding, never ranked
             if i == target or i in seen:
                 continue
-            if table[i] @ q > t_score:  # ties do not count against the target
+            if table[i] @ q >= t_score:  # ties count against the target
                 rank += 1
         ranks.append(rank)
     return np.array(ranks)
@@ -185,10 +185,14 @@ def test_rank_targets_history_exclusion_keeps_target_and_uses_full_history(ranki
         return torch.eye(store.num_items + 1)[batch.target]
     ranks = rank_targets(query, item_table, store, examples, max_len=2, exclude_history=True)
     np.testing.assert_array_equal(ranks, [0, 0])
-    # with all scores tied (a constant query) the target ranks 0: ties are not "strictly greater"
+    # with all scores tied (a constant query) the target ranks last: ties count against it
     ranks = rank_targets(lambda b: torch.zeros(len(b.lengths), store.num_items + 1), item_table, store,
                          examples, max_len=2, exclude_history=False)
-    np.testing.assert_array_equal(ranks, [0, 0])
+    np.testing.assert_array_equal(ranks, [store.num_items - 1] * 2)
+    # a collapsed model (NaN scores) ranks last too, never first
+    ranks = rank_targets(lambda b: torch.full((len(b.lengths), store.num_items + 1), float("nan")), item_table,
+                         store, examples, max_len=2, exclude_history=False)
+    np.testing.assert_array_equal(ranks, [store.num_items] * 2)
     # a query that prefers every other item: rank = number of candidate items (all but target, padding, history)
     hist_sizes = [len(set(store.items[store.offsets[u]:row].tolist()) - {int(store.items[row])})
                   for u, row in zip(examples.users, examples.target_rows)]

@@ -382,23 +382,16 @@ def test_registry():
 # side tables on disk
 
 
-def test_write_side_tables(tmp_path):
+def test_side_tables_saved_with_the_dataset(tmp_path):
     store = ds.ml1m_seq(_ml1m_dir(tmp_path))
     out = store.save(tmp_path / "prepared")
-    written = ds.write_side_tables(store, out)
-    assert sorted(p.name for p in written) == ["items_side.parquet", "users_side.parquet"]
     assert pq.read_table(out / "items_side.parquet").equals(store.side["items"])
     assert pq.read_table(out / "users_side.parquet").equals(store.side["users"])
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
-    ds.write_side_tables(store, out)  # rewriting replaces in place
-    assert pq.read_table(out / "items_side.parquet").num_rows == 5
-    # the dataset itself still loads
-    assert SequenceStore.load(out).num_events == store.num_events
-    # nothing to write / not a saved dataset
+    assert SequenceStore.load(out).manifest["side"] == ["items_side.parquet", "users_side.parquet"]
     plain = ds.s3rec(_write(tmp_path / "s.txt", "1 2\n"))
-    assert ds.write_side_tables(plain, out) == []
-    with pytest.raises(DatasetError, match="not a saved dataset"):
-        ds.write_side_tables(store, tmp_path / "ml-1m")
+    plain.save(tmp_path / "plain")
+    assert not list((tmp_path / "plain").glob("*_side.parquet"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +532,6 @@ def test_real_save_load_round_trip(tmp_path):
         pytest.skip(f"{path} is absent")
     store = ds.ml1m_seq(path)
     out = store.save(tmp_path / "ml-1m")
-    ds.write_side_tables(store, out)
     loaded = SequenceStore.load(out)
     assert (loaded.num_users, loaded.num_items, loaded.num_events) == (6040, 3706, 1_000_209)
     first_line = (path / "ml-1m_sequences_orig_ids.txt").read_text().split("\n", 1)[0].split()

@@ -146,3 +146,36 @@ def test_ratings_column_round_trip(tmp_path):
     dat.write_text("1::10::5::100\n1::11::3::50\n")
     g = grouplens(dat)
     assert g.ratings.tolist() == [3.0, 5.0] and g.manifest["actions"] == ["3", "5"]
+
+
+def test_table_ids_follow_the_shared_rule(tmp_path):
+    from genrec.data.datasets import table
+
+    csv = tmp_path / "log.csv"
+    csv.write_text("user,item,ts\nu1,007,1\nu1,7,2\nu1,1.0,3\nu2,007,1\n")
+    s = table(csv, time_col="ts")
+    assert sorted(s.item_vocab.raw.tolist()) == ["007", "1.0", "7"]  # three distinct items, kept as text
+    csv.write_text("user,item\n1,7\n2,8\n")
+    assert table(csv).item_vocab.raw.dtype == np.int64
+
+
+def test_overwrite_only_replaces_a_dataset(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("important")
+    with pytest.raises(DatasetError, match="not a genrec dataset"):
+        small_store().save(precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "important"
+    small_store().save(tmp_path / "ds")
+    small_store().save(tmp_path / "ds", overwrite=True)  # a dataset may be replaced
+    assert SequenceStore.load(tmp_path / "ds").num_events == 6
+
+
+def test_load_reports_missing_and_corrupt_files(tmp_path):
+    small_store().save(tmp_path / "ds")
+    (tmp_path / "ds" / "timestamps.npy").unlink()
+    with pytest.raises(DatasetError, match="timestamps.npy is missing"):
+        SequenceStore.load(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.json").write_text("{oops")
+    with pytest.raises(DatasetError, match="manifest.json is corrupt"):
+        SequenceStore.load(tmp_path / "ds")

@@ -66,7 +66,7 @@ def test_run_writes_all_artefacts(full_run):
     assert set(on_disk["popularity_test"]) == set(on_disk["test"])
     records = read_jsonl(run_dir / "metrics.jsonl")
     epochs = [r for r in records if "epoch" in r and not r.get("final")]
-    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]  # 1-based, as printed
     assert all("valid" in r and r["steps"] == 7 and r["train_loss"] > 0 for r in epochs)
     assert records[-1]["final"] is True and records[-1]["test"] == on_disk["test"]
     # the test split is evaluated with the checkpoint that was best on validation
@@ -126,19 +126,19 @@ def test_resume_errors(tiny_data_dir, tmp_path):
 
 
 def test_early_stopping(tiny_data_dir, tmp_path):
-    """lr = 0: validation never improves after the first evaluation, so patience 2 stops after 3 epochs."""
+    """lr ~ 0: validation never improves after the first evaluation, so patience 2 stops after 3 epochs."""
     run = tmp_path / "stop"
-    report = train(tiny_config(tiny_data_dir, epochs=10, lr=0.0, patience=2, max_steps_per_epoch=1), run,
+    report = train(tiny_config(tiny_data_dir, epochs=10, lr=1e-12, patience=2, max_steps_per_epoch=1), run,
                    echo=quiet)
     epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]
-    assert epochs == [0, 1, 2]
-    assert report["best_epoch"] == 0
+    assert epochs == [1, 2, 3]
+    assert report["best_epoch"] == 1
     assert torch.load(run / "last.pt", weights_only=True)["state"]["stopped"] is True
 
 
 @pytest.mark.parametrize("model", ["sasrec", "hstu"])
 def test_learns_beyond_popularity(tiny_data_dir, tmp_path, model):
-    report = train(tiny_config(tiny_data_dir, model, epochs=5), tmp_path / model, echo=quiet)
+    report = train(tiny_config(tiny_data_dir, model, epochs=8), tmp_path / model, echo=quiet)
     pop = report["popularity_test"]["hr@10"]
     assert pop > 0.1  # a meaningful baseline on this data
     assert report["test"]["hr@10"] >= 2 * pop, report
@@ -174,7 +174,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from genrec.train import checkpoint as ck
 
     path = tmp_path / "x.pt"
-    ck.save_checkpoint({"w": torch.ones(3)}, path)
+    good = {"config": {}, "item_vocab": {}, "model": {"w": torch.ones(3)}}
+    ck.save_checkpoint(good, path)
 
     def broken_save(obj, f):
         with open(f, "wb") as fh:
@@ -183,8 +184,66 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck.torch, "save", broken_save)
     with pytest.raises(OSError):
-        ck.save_checkpoint({"w": torch.zeros(3)}, path)
+        ck.save_checkpoint({**good, "model": {"w": torch.zeros(3)}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temp file left behind
-    torch.testing.assert_close(ck.load_checkpoint(path)["w"], torch.ones(3))  # the old checkpoint survives
+    torch.testing.assert_close(ck.load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one survives
     with pytest.raises(FileNotFoundError):
         ck.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path):
+    from genrec.train import checkpoint as ck
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ck.CheckpointError, match="junk.pt is not a readable checkpoint"):
+        ck.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ck.CheckpointError, match="not a genrec checkpoint"):
+        ck.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny_data_dir, tmp_path, monkeypatch):
+    from genrec.config import ConfigError
+    from genrec.losses import Loss
+
+    with pytest.raises(ConfigError, match="train.lr must be positive"):
+        tiny_config(tiny_data_dir, lr=float("nan"))
+    run = tmp_path / "nan"
+    real_call = Loss.__call__
+    monkeypatch.setattr(Loss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
+    with pytest.raises(RunError, match="loss became nan.*lower train.lr"):
+        train(tiny_config(tiny_data_dir, epochs=1), run, echo=quiet)
+    monkeypatch.undo()
+    assert not (run / "best.pt").exists()
+    # the directory of a run that never finished an epoch can be reused without --resume
+    report = train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=1), run, echo=quiet)
+    assert report["best_epoch"] == 1
+
+
+def test_resuming_a_finished_run_reports_without_retraining(full_run, tiny_data_dir):
+    model, run_dir, _ = full_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    report = train(tiny_config(tiny_data_dir, model), run_dir, resume=True, echo=quiet)
+    assert report == json.loads((run_dir / "report.json").read_text())
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_run_setup_errors(tiny_data_dir, tmp_path):
+    with pytest.raises(RunError, match="no CUDA device"):
+        train(tiny_config(tiny_data_dir, epochs=1, device="cuda"), tmp_path / "gpu", echo=quiet)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    with pytest.raises(RunError, match="not a genrec run"):
+        train(tiny_config(tiny_data_dir, epochs=1), tmp_path / "busy", echo=quiet)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
+
+
+def test_no_evaluation_users_is_an_error_before_training(tmp_path):
+    import numpy as np
+
+    from genrec.data.ingest import build_store
+
+    build_store(np.array([1, 1, 2, 2]), np.array([1, 2, 2, 1])).save(tmp_path / "short")
+    with pytest.raises(RunError, match="at least 3 events"):
+        train(tiny_config(tmp_path / "short", epochs=1), tmp_path / "run", echo=quiet)
+    assert not (tmp_path / "run").exists()

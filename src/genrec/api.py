@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from genrec.config import ConfigError, config_from_dict, load_config
+from genrec.data.store import DatasetError
 from genrec.eval.ranking import Report, evaluate_model
 from genrec.models import build_model
 from genrec.models.scoring import Scorer
@@ -19,19 +20,27 @@ from genrec.train.checkpoint import load_checkpoint
 from genrec.train.trainer import load_data, resolve_device
 
 
-def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool = True,
+def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool | None = None,
                  checkpoint: str = "best.pt") -> Report:
-    """Full-ranking evaluation of a run's checkpoint on its own dataset and split."""
+    """Full-ranking evaluation of a run's checkpoint on its own dataset and split.
+
+    ``exclude_history`` defaults to the run's own ``eval.exclude_history``.
+    """
     path = Path(run_dir) / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a `genrec train` run directory?")
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     device = resolve_device(cfg.train.device)
-    store, split = load_data(cfg)
-    if len(store.item_vocab) != len(ckpt["item_vocab"]["raw"]):
-        raise ValueError(f"dataset {cfg.data.path} has {store.num_items} items but the checkpoint was trained "
-                         f"with {len(ckpt['item_vocab']['raw'])}; evaluate on the dataset the run used")
+    try:
+        store, split = load_data(cfg)
+    except DatasetError as e:
+        raise DatasetError(f"{e} (data.path comes from the run's config, {Path(run_dir) / 'config.toml'})") from None
+    if store.item_vocab.raw.tolist() != list(ckpt["item_vocab"]["raw"]):
+        raise DatasetError(f"dataset {cfg.data.path} does not have the item vocabulary the run was trained with "
+                           f"(was it prepared again?); evaluate on the dataset the run used")
+    if exclude_history is None:
+        exclude_history = cfg.eval.exclude_history
     model = build_model(cfg.model, store.num_items)
     model.load_state_dict(ckpt["model"])
     model.to(device)
@@ -58,13 +67,15 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, echo=prin
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
         echo(f"preparing synthetic data in {data_dir} ...")
-        generate(PRESETS["default"]).save(data_dir, overwrite=data_dir.exists())
+        generate(PRESETS["default"]).save(data_dir)
     configs = find_configs() / "synthetic"
     reports = {}
     for name in ("sasrec", "hstu"):
         run_dir = out / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # the demo always trains from scratch
+        if run_dir.exists():  # the demo always trains from scratch, replacing only its own earlier runs
+            if any(run_dir.iterdir()) and not (run_dir / "config.toml").is_file():
+                raise ConfigError(f"{run_dir} exists and is not a genrec run; choose another --out")
+            shutil.rmtree(run_dir)
         overrides = [f'data.path="{data_dir}"'] + ([f"train.epochs={epochs}"] if epochs else [])
         cfg = load_config(configs / f"{name}.toml", overrides)
         echo(f"\n== training {name} ({configs / f'{name}.toml'}) ==")
@@ -84,8 +95,10 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, echo=prin
     rec = Recommender.load(out / "hstu")
     echo("\n== example recommendations (HSTU, raw item ids) ==")
     for u in range(3):
-        hist = store.item_vocab.to_raw(store.user_items(u)[-5:]).tolist()
-        (r,) = rec.recommend([store.item_vocab.to_raw(store.user_items(u)).tolist()], k=5)
-        echo(f"user {store.user_vocab.to_raw(u)}: ... {hist} -> {r.items}")
-    echo(f"\nruns in {out}/; try: genrec recommend {out}/hstu --history {','.join(map(str, hist))}")
+        rows = slice(store.offsets[u], store.offsets[u + 1])
+        items, times = store.item_vocab.to_raw(store.items[rows]).tolist(), store.timestamps[rows].tolist()
+        # recommend for one hour after the user's last event (the model uses the time gaps)
+        (r,) = rec.recommend([items], k=5, timestamps=[times], query_time=times[-1] + 3600)
+        echo(f"user {store.user_vocab.to_raw(u)}: ... {items[-5:]} -> {r.items}")
+    echo(f"\nruns in {out}/; try: genrec recommend {out}/sasrec --history {','.join(map(str, items[-5:]))}")
     return reports

@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 
 from genrec.config import ConfigError, load_config
-from genrec.data.store import DatasetError, SequenceStore
+from genrec.data.store import DatasetError, SequenceStore, check_writable
+from genrec.train.trainer import RunError
 
 FORMATS = ("table", "s3rec", "ml1m-seq", "recbole", "bert4rec", "grouplens", "synthetic")
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError, RunError)
 
 
 def _fail(e: Exception) -> None:
@@ -83,8 +84,9 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
     filters = dict(dedup=dedup, min_user_count=min_user_count, min_item_count=min_item_count)
     t0 = time.perf_counter()
     try:
-        if Path(out).exists() and not overwrite:
-            raise DatasetError(f"{out} already exists; choose another directory or pass --overwrite")
+        check_writable(Path(out), overwrite)
+        if Path(out).resolve() in [Path(input_path).resolve(), *Path(input_path).resolve().parents]:
+            raise DatasetError(f"OUT ({out}) must not contain INPUT ({input_path}); choose another directory")
         if fmt == "synthetic":
             if input_path not in PRESETS:
                 raise DatasetError(f"synthetic INPUT must be a preset: {', '.join(PRESETS)}")
@@ -103,7 +105,6 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
                       "bert4rec": datasets.bert4rec}[fmt]
             store = reader(input_path, **filters)
         store.save(out, overwrite=overwrite)
-        datasets.write_side_tables(store, out)
     except USER_ERRORS as e:
         _fail(e)
     s = store.stats()
@@ -145,12 +146,12 @@ def train(config, overrides, run_dir, resume):
     OVERRIDES are section.key=value pairs, e.g. `train.epochs=5 data.path=data/ml-1m model.num_blocks=4`.
     Validation picks the best epoch; the test split is evaluated once, at that checkpoint.
     """
-    from genrec.train.trainer import RunError, train as run_training
+    from genrec.train.trainer import train as run_training
 
     try:
         cfg = load_config(config, list(overrides))
         report = run_training(cfg, run_dir, resume=resume)
-    except (*USER_ERRORS, RunError) as e:
+    except USER_ERRORS as e:
         _fail(e)
     click.echo(format_report(report))
 
@@ -171,13 +172,14 @@ def format_report(report: dict) -> str:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", "which", type=click.Choice(["valid", "test"]), default="test", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-@click.option("--include-history", is_flag=True, help="do not exclude the user's history from the ranking")
-def evaluate(run_dir, which, as_json, include_history):
+@click.option("--exclude-history/--include-history", default=None,
+              help="exclude the user's history from the ranking (default: as the run was configured)")
+def evaluate(run_dir, which, as_json, exclude_history):
     """Rank the held-out targets of RUN_DIR's dataset with its best checkpoint (full ranking)."""
     from genrec.api import evaluate_run
 
     try:
-        report = evaluate_run(run_dir, which, exclude_history=not include_history)
+        report = evaluate_run(run_dir, which, exclude_history=exclude_history)
     except USER_ERRORS as e:
         _fail(e)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
@@ -187,16 +189,24 @@ def evaluate(run_dir, which, as_json, include_history):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--history", required=True, help="comma-separated raw item ids, oldest first")
 @click.option("-k", "k", default=10, show_default=True, help="number of recommendations")
+@click.option("--timestamps", default=None, help="comma-separated unix times of the history items (time-aware models)")
+@click.option("--at", "query_time", default=None, type=int, help="unix time to recommend for (default: now)")
 @click.option("--include-seen", is_flag=True, help="allow items already in the history")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def recommend(run_dir, history, k, include_seen, as_json):
+def recommend(run_dir, history, k, timestamps, query_time, include_seen, as_json):
     """Top-K raw item ids for one HISTORY of raw item ids."""
     from genrec.infer.recommender import Recommender
 
     items = [x.strip() for x in history.split(",") if x.strip()]
     try:
+        times = None
+        if timestamps is not None:
+            try:
+                times = [[int(x) for x in timestamps.split(",") if x.strip()]]
+            except ValueError:
+                raise ValueError("--timestamps must be comma-separated integers (unix seconds)") from None
         rec = Recommender.load(run_dir)
-        (r,) = rec.recommend([items], k=k, exclude_seen=not include_seen)
+        (r,) = rec.recommend([items], k=k, exclude_seen=not include_seen, timestamps=times, query_time=query_time)
     except USER_ERRORS as e:
         _fail(e)
     if as_json:
@@ -220,7 +230,7 @@ def demo(out, epochs):
 
     try:
         run_demo(out, epochs=epochs, echo=click.echo)
-    except (*USER_ERRORS,) as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 

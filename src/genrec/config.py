@@ -170,6 +170,9 @@ def config_from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - {"data", "model", "loss", "train", "eval"})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}]; valid: data, model, loss, train, eval")
+    for section, value in raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section} = {value!r} must be a table: write [{section}] and its keys below it")
     model_raw = dict(raw.get("model", {}))
     name = model_raw.pop("name", None)
     if name is None:
@@ -205,16 +208,32 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
         "train.eval_every": cfg.train.eval_every,
+        "train.lr": cfg.train.lr,
         "loss.num_negatives": cfg.loss.num_negatives,
+        "loss.chunk_size": cfg.loss.chunk_size,
         "eval.batch_size": cfg.eval.batch_size,
+        "eval.item_chunk": cfg.eval.item_chunk,
+    }
+    non_negative = {
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.patience": cfg.train.patience,
+        "train.threads": cfg.train.threads,
+        "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
+        "train.grad_clip": cfg.train.grad_clip,
     }
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # also rejects NaN
             raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{key} must be zero or positive, got {value}")
+    for key, value in (("data.temporal_valid", cfg.data.temporal_valid), ("data.temporal_test", cfg.data.temporal_test)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {value}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be positive, got {cfg.loss.temperature}")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"train.betas needs two numbers, got {cfg.train.betas}")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas needs two numbers in [0, 1), got {cfg.train.betas}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"eval.ks must be positive cut-offs, got {cfg.eval.ks}")
     metric, _, k = cfg.eval.select_metric.partition("@")

@@ -16,7 +16,7 @@ Formats (the names are the CLI ``FORMAT`` names, see ``READERS``):
 
 Side information (item / user attributes) is attached to the returned store as a plain attribute
 ``store.side = {"items": pa.Table, "users": pa.Table}``; the first column of each table is the raw id
-(``item_id`` / ``user_id``). :func:`write_side_tables` saves them beside a saved dataset.
+(``item_id`` / ``user_id``). ``SequenceStore.save`` writes them with the dataset, atomically.
 
 Parsing is vectorised: text files are tokenised with numpy over the raw bytes (token boundaries and
 line numbers from the positions of whitespace and newlines) and converted with pyarrow compute kernels;
@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genrec.data.ingest import build_store, read_table, sha256_file, store_from_table
+from genrec.data.ingest import INT_ID_RE, build_store, ids_from_strings, read_table, sha256_file, store_from_table
 from genrec.data.store import DatasetError, SequenceStore
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "grouplens",
     "table",
     "download_grouplens",
-    "write_side_tables",
 ]
 
 FILTER_KEYS = ("dedup", "min_user_count", "min_item_count")
@@ -65,8 +64,7 @@ _SPACE = np.zeros(256, dtype=bool)
 _SPACE[[9, 10, 11, 12, 13, 32]] = True
 _SEP = "\x1f"  # "::" is rewritten to this byte so the pyarrow CSV reader can split GroupLens files
 
-# integer ids: no leading zeros (so "007" stays the string "007" and raw ids round-trip exactly), <= 18 digits
-_INT_RE = r"^(0|-?[1-9][0-9]{0,17})$"
+_INT_RE = INT_ID_RE
 _FLOAT_RE = r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 
 
@@ -124,11 +122,7 @@ def _read_text_bytes(path: Path, fallback_encoding: str | None = None) -> bytes:
     return data
 
 
-def _ids(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """String ids -> int64 array when every id is an integer, else an object array of str."""
-    if len(arr) and pc.all(pc.match_substring_regex(arr, _INT_RE)).as_py():
-        return np.asarray(pc.cast(arr, pa.int64()).to_numpy(), dtype=np.int64)
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
+_ids = ids_from_strings
 
 
 def _numbers_as_actions(values: np.ndarray) -> np.ndarray:
@@ -587,51 +581,11 @@ def table(path: str | Path, user_col: str = "user", item_col: str = "item", time
     """Any CSV / TSV / Parquet / JSONL file with one interaction per row and named columns."""
     _check_filters(filters)
     path = Path(path)
-    tab = read_table(path, fmt=fmt, sep=sep)
+    tab = read_table(path, fmt=fmt, sep=sep, string_columns=[user_col, item_col])
     src = _source("table", [path], fmt=fmt, sep=sep, user_col=user_col, item_col=item_col,
                   time_col=time_col, action_col=action_col, rating_col=rating_col)
     return store_from_table(tab, path, user_col=user_col, item_col=item_col, time_col=time_col,
                             action_col=action_col, rating_col=rating_col, source=src, **filters)
-
-
-# ----------------------------------------------------------------------------------------------
-# side tables on disk
-
-
-SIDE_FILES = {"items": "items_side.parquet", "users": "users_side.parquet"}
-
-
-def write_side_tables(store: SequenceStore, out_dir: str | Path) -> list[Path]:
-    """Write ``store.side`` tables into a saved dataset folder (temp file + ``os.replace``).
-
-    Returns the paths written (none when the store has no side tables).
-    """
-    import pyarrow.parquet as pq
-
-    out = Path(out_dir)
-    side = getattr(store, "side", None) or {}
-    if not side:
-        return []
-    if not (out / "manifest.json").is_file():
-        raise DatasetError(f"{out} is not a saved dataset (no manifest.json); save the store first")
-    unknown = sorted(set(side) - set(SIDE_FILES))
-    if unknown:
-        raise DatasetError(f"unknown side table(s) {', '.join(unknown)}; expected {', '.join(SIDE_FILES)}")
-    written = []
-    for key, name in SIDE_FILES.items():
-        if key not in side:
-            continue
-        target = out / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=out)
-        os.close(fd)
-        try:
-            pq.write_table(side[key], tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(target)
-    return written
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def read_table(path: str | Path, fmt: str | None = None, sep: str | None = None,
                columns: list[str] | None = None, header: bool = True,
-               column_names: list[str] | None = None) -> pa.Table:
+               column_names: list[str] | None = None, string_columns: list[str] = ()) -> pa.Table:
     """Read a CSV/TSV/Parquet/JSONL file into a pyarrow Table; errors name the file and the problem."""
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
@@ -56,7 +56,8 @@ def read_table(path: str | Path, fmt: str | None = None, sep: str | None = None,
                 path,
                 read_options=pcsv.ReadOptions(column_names=column_names, autogenerate_column_names=not header and column_names is None),
                 parse_options=pcsv.ParseOptions(delimiter=delimiter),
-                convert_options=pcsv.ConvertOptions(include_columns=columns, strings_can_be_null=False),
+                convert_options=pcsv.ConvertOptions(include_columns=columns, strings_can_be_null=False,
+                                                    column_types={c: pa.string() for c in string_columns}),
             )
         elif fmt == "parquet":
             table = pq.read_table(path, columns=columns)
@@ -86,15 +87,26 @@ def column(table: pa.Table, name: str, path: str | Path, role: str) -> pa.Chunke
     return col
 
 
+# integer ids: no leading zeros (so "007" stays the string "007" and raw ids round-trip exactly), <= 18 digits
+INT_ID_RE = r"^(0|-?[1-9][0-9]{0,17})$"
+
+
+def ids_from_strings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """String ids -> int64 array when every id is a plain integer, else an object array of str."""
+    if len(col) and pc.all(pc.match_substring_regex(col, INT_ID_RE)).as_py():
+        return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+
 def ids_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
-    """Raw id column -> int64 array if integral, else an array of str."""
+    """Raw id column -> int64 array if it holds integers, else an array of str.
+
+    Text columns go through :func:`ids_from_strings` (the rule every reader shares), so "007" and "7"
+    stay two different ids and "1.0" is not the integer 1.
+    """
     if pa.types.is_integer(col.type):
         return col.to_numpy().astype(np.int64)
-    if pa.types.is_floating(col.type):
-        values = col.to_numpy()
-        if np.all(values == np.floor(values)):
-            return values.astype(np.int64)
-    return np.asarray(col.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
+    return ids_from_strings(col.cast(pa.string()))
 
 
 def timestamps_to_numpy(col: pa.ChunkedArray, path: str | Path, name: str) -> np.ndarray:

@@ -10,6 +10,8 @@ A prepared dataset is a directory::
     ratings.npy          (N,) float32 explicit ratings (optional)
     user_ids.json|npy    raw user id of dense user u (index u)
     item_ids.json|npy    raw item id of dense item i (index i - 1)
+    items_side.parquet   item attributes keyed by raw id, first column ``item_id`` (optional)
+    users_side.parquet   user attributes keyed by raw id, first column ``user_id`` (optional)
 
 Users are dense 0..U-1 (they index ``offsets``); items are dense 1..I. Events of a user are sorted by
 time (stable: ties keep file order). The directory is written to a temporary sibling and renamed
@@ -31,6 +33,7 @@ from genrec.data.vocab import Vocab
 
 FORMAT_VERSION = 1
 OPTIONAL_COLUMNS = ("timestamps", "actions", "ratings")
+SIDE_FILES = {"items": "items_side.parquet", "users": "users_side.parquet"}
 
 
 class DatasetError(ValueError):
@@ -47,6 +50,7 @@ class SequenceStore:
     actions: np.ndarray | None = None  # (N,) int16
     ratings: np.ndarray | None = None  # (N,) float32
     manifest: dict = field(default_factory=dict)
+    side: dict = field(default_factory=dict)  # {"items" | "users": pyarrow.Table} attributes by raw id
 
     @property
     def num_users(self) -> int:
@@ -93,8 +97,10 @@ class SequenceStore:
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write atomically: build in a temporary sibling directory, then rename into place."""
         out = Path(out_dir)
-        if out.exists() and not overwrite:
-            raise DatasetError(f"{out} already exists; choose another directory or pass --overwrite")
+        check_writable(out, overwrite)
+        unknown = sorted(set(self.side) - set(SIDE_FILES))
+        if unknown:
+            raise DatasetError(f"unknown side table(s) {', '.join(unknown)}; expected {', '.join(SIDE_FILES)}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
@@ -108,11 +114,17 @@ class SequenceStore:
                 np.save(tmp / "ratings.npy", np.ascontiguousarray(self.ratings, dtype=np.float32))
             self.user_vocab.save(tmp, "user_ids")
             self.item_vocab.save(tmp, "item_ids")
+            if self.side:
+                import pyarrow.parquet as pq
+
+                for key, table in self.side.items():
+                    pq.write_table(table, tmp / SIDE_FILES[key])
             manifest = {
                 "format_version": FORMAT_VERSION,
                 **self.manifest,
                 "counts": {"users": self.num_users, "items": self.num_items, "interactions": self.num_events},
                 "columns": ["items"] + [c for c in OPTIONAL_COLUMNS if getattr(self, c) is not None],
+                "side": sorted(SIDE_FILES[k] for k in self.side),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             if out.exists():  # overwrite: move the old one aside first, delete only after success
@@ -140,7 +152,10 @@ class SequenceStore:
             raise DatasetError(
                 f"{path} is not a prepared dataset (no manifest.json); create one with `genrec prepare`"
             )
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{manifest_path} is corrupt ({e}); prepare the dataset again") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
                 f"{path}: dataset format {manifest.get('format_version')} is not supported "
@@ -148,20 +163,43 @@ class SequenceStore:
             )
         mode = "r" if mmap else None
 
-        def arr(name: str) -> np.ndarray | None:
-            f = path / f"{name}.npy"
-            return np.load(f, mmap_mode=mode) if f.exists() else None
+        columns = manifest.get("columns", ["items"])
 
+        def arr(name: str, required: bool = False) -> np.ndarray | None:
+            f = path / f"{name}.npy"
+            if not f.exists():
+                if required or name in columns:
+                    raise DatasetError(f"{path}: {f.name} is missing; the dataset is incomplete, prepare it again")
+                return None
+            try:
+                return np.load(f, mmap_mode=mode)
+            except (ValueError, OSError) as e:
+                raise DatasetError(f"{f} is unreadable ({e}); prepare the dataset again") from None
+
+        try:
+            user_vocab, item_vocab = Vocab.load(path, "user_ids"), Vocab.load(path, "item_ids")
+        except (FileNotFoundError, ValueError) as e:
+            raise DatasetError(f"{path}: the id vocabulary is missing or corrupt ({e}); prepare it again") from None
         store = cls(
-            offsets=np.load(path / "offsets.npy"),
-            items=arr("items"),
-            user_vocab=Vocab.load(path, "user_ids"),
-            item_vocab=Vocab.load(path, "item_ids"),
+            offsets=np.asarray(arr("offsets", required=True)),
+            items=arr("items", required=True),
+            user_vocab=user_vocab,
+            item_vocab=item_vocab,
             timestamps=arr("timestamps"),
             actions=arr("actions"),
             ratings=arr("ratings"),
             manifest=manifest,
         )
-        if store.num_events != len(store.items):
+        if store.num_events != len(store.items) or store.num_items != manifest.get("counts", {}).get("items", store.num_items):
             raise DatasetError(f"{path}: offsets and items.npy disagree; the dataset is corrupt, prepare it again")
         return store
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """A dataset may replace ``out`` only with ``overwrite`` and only if ``out`` is a genrec dataset."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise DatasetError(f"{out} already exists; choose another directory or pass --overwrite")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+        raise DatasetError(f"{out} exists and is not a genrec dataset; refusing to overwrite it")

@@ -2,9 +2,11 @@
 
 For each evaluation example the model reads the history (the last ``max_len`` events before the
 target) and produces one query vector. Items are scored in chunks of ``item_chunk``; the rank of the
-target is the number of items that score strictly higher. With ``exclude_history`` (default) the items
-of the user's whole history (not only the last ``max_len``) are removed from the ranking, except the
-target itself. The padding item 0 is never ranked. Sampled-negative metrics are not offered here.
+target is the number of other items that score higher **or equal** (ties count against the target, so
+a collapsed model that scores everything alike ranks last, never first), and a non-finite target score
+ranks last. With ``exclude_history`` (default) the items of the user's whole history (not only the last
+``max_len``; the HSTU reference excludes only those) are removed from the ranking, except the target
+itself. The padding item 0 is never ranked. Sampled-negative metrics are not offered here.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def rank_targets(query_fn, item_table: torch.Tensor, store: SequenceStore, examp
                 scores[hb[sel], hi[sel] - c0] = -torch.inf
             in_chunk = (target >= c0) & (target < c1)
             scores[in_chunk.nonzero().squeeze(1), target[in_chunk] - c0] = -torch.inf  # the target itself
-            count += (scores > target_score[:, None]).sum(1)
+            beats = (scores >= target_score[:, None]) | scores.isnan()  # excluded items are -inf: never counted
+            count += beats.sum(1)
+        count = torch.where(torch.isfinite(target_score), count, n_items - 1)
         ranks[s:s + len(users)] = count.cpu().numpy()
     return ranks
 

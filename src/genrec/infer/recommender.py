@@ -4,14 +4,19 @@
     result = rec.recommend([["1193", "661", "914"]], k=10)
     result[0].items, result[0].scores, result[0].unknown
 
-Histories are lists of raw item ids (as in the input logs), oldest first, optionally with timestamps.
+Histories are lists of raw item ids (as in the input logs), oldest first, optionally with timestamps
+(unix seconds). Models with a time bias (HSTU ``relative_bias = "position_time"``) were trained to
+predict an event at a known time: pass ``timestamps`` and the time to recommend for, ``query_time``
+(default: now); without timestamps such a model runs with its position bias only (a warning says so).
 Unknown ids are dropped and counted. An empty history (or one made only of unknown ids) falls back to
-the most popular training items. Items in the history are excluded from the results unless
-``exclude_seen=False``.
+the most popular training items (``fallback=True``, scores = training counts). Items in the history are
+excluded from the results unless ``exclude_seen=False``.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +61,16 @@ class Recommender:
         return cls(model.to(device), Scorer(l2_norm=cfg.loss.l2_norm), vocab, cfg.data.max_len,
                    ckpt.get("item_counts"), ckpt["config"])
 
-    def encode(self, histories: list[np.ndarray], timestamps: list[np.ndarray] | None = None) -> torch.Tensor:
-        """Dense-id histories (each non-empty) -> (B, D) scorer-normalised queries."""
+    @property
+    def uses_time(self) -> bool:
+        return self.config.get("model", {}).get("relative_bias") == "position_time"
+
+    def encode(self, histories: list[np.ndarray], timestamps: list[np.ndarray] | None = None,
+               query_time: np.ndarray | None = None) -> torch.Tensor:
+        """Dense-id histories (each non-empty) -> (B, D) scorer-normalised queries.
+
+        ``query_time[b]`` is the time of the event to predict after history b (defaults to its last event).
+        """
         hs = [h[-self.max_len:] for h in histories]
         lengths = np.array([len(h) for h in hs])
         L = int(lengths.max())
@@ -71,8 +84,10 @@ class Recommender:
                 t = np.asarray(t, dtype=np.int64)[-self.max_len:]
                 ts[b, :len(t)] = t
             qt = np.zeros_like(ts)
-            qt[:, :-1] = ts[:, 1:]
-            qt[np.arange(len(hs)), lengths - 1] = ts[np.arange(len(hs)), lengths - 1]
+            qt[:, :-1] = ts[:, 1:]  # position i predicts event i + 1 ...
+            last = ts[np.arange(len(hs)), lengths - 1] if query_time is None else np.asarray(query_time, dtype=np.int64)
+            qt[np.arange(len(hs)), lengths - 1] = last  # ... and the last position the event at query time
+            qt[np.arange(L)[None, :] >= lengths[:, None]] = 0
             ts, qt = torch.from_numpy(ts), torch.from_numpy(qt)
         batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
         with torch.no_grad():
@@ -80,9 +95,18 @@ class Recommender:
             return self.scorer.queries(h[torch.arange(len(hs)), batch.lengths - 1])
 
     def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool = True,
-                  timestamps: list[list[int]] | None = None) -> list[Recommendation]:
+                  timestamps: list[list[int]] | None = None,
+                  query_time: int | list[int] | None = None) -> list[Recommendation]:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if timestamps is not None:
+            if len(timestamps) != len(histories) or any(len(t) != len(h) for t, h in zip(timestamps, histories)):
+                raise ValueError("timestamps must give one time per history item")
+            now = int(time.time()) if query_time is None else query_time
+            query_time = np.broadcast_to(np.asarray(now, dtype=np.int64), (len(histories),))
+        elif self.uses_time:
+            warnings.warn("this model was trained with a time bias; without timestamps it uses positions only "
+                          "(pass timestamps= and query_time= for the scores it was evaluated with)", stacklevel=2)
         k = min(k, len(self.vocab))
         dense, unknown, keep_ts = [], [], []
         for i, h in enumerate(histories):
@@ -96,7 +120,8 @@ class Recommender:
         rows = [i for i, d in enumerate(dense) if len(d)]
         scores = torch.empty(0)
         if rows:
-            q = self.encode([dense[i] for i in rows], [keep_ts[i] for i in rows] if timestamps is not None else None)
+            q = self.encode([dense[i] for i in rows], [keep_ts[i] for i in rows] if timestamps is not None else None,
+                            query_time[rows] if timestamps is not None else None)
             scores = q @ self.item_table.T  # (B, I + 1)
             scores[:, 0] = -torch.inf
         for j, i in enumerate(rows):

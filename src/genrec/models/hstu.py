@@ -63,6 +63,11 @@ class HSTUConfig:
     ln_eps: float = 1e-6
 
     def validate(self) -> None:
+        for key in ("dim", "num_blocks", "num_heads", "qk_dim", "v_dim", "max_len", "num_time_buckets"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.time_log_base <= 0:
+            raise ValueError(f"model.time_log_base must be positive, got {self.time_log_base}")
         options = {"silu": ("uvqk", "u"), "attn_norm": ("max_len", "visible", "batch_max"),
                    "relative_bias": ("position_time", "position", "none"), "output": ("u_ln_o", "concat")}
         for key, allowed in options.items():
@@ -193,8 +198,12 @@ class HSTU(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
-        nn.init.normal_(self.item_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        # initialisation as in the reference: item embeddings truncated normal (std 0.02); the position
+        # table ends up Xavier-normal (the reference model re-initialises every non-HSTU, non-embedding
+        # matrix that way); inside the layers W_uvqk and the relative biases are normal(0.02), the output
+        # projection Xavier-uniform.
+        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.xavier_normal_(self.position_embedding.weight)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 

@@ -7,6 +7,7 @@ Deviations from the original paper, all standard in later reimplementations:
 - pre-LayerNorm blocks (the original normalises only the query input of attention), a final LayerNorm;
 - fused causal attention through ``torch.nn.functional.scaled_dot_product_attention``;
 - the feed-forward activation is a switch (``gelu`` default; the HSTU repository's preset uses ``relu``);
+- initialisation follows the HSTU repository's SASRec (truncated-normal embeddings, Xavier-normal weights);
 - the training objective lives in ``genrec.losses`` (the paper used BCE with one negative; the HSTU
   baseline uses sampled softmax), and scoring is a dot product with the item embedding table.
 """
@@ -35,6 +36,9 @@ class SASRecConfig:
     scale_embeddings: bool = True  # multiply item embeddings by sqrt(D) (as in the reference code)
 
     def validate(self) -> None:
+        for key in ("dim", "num_blocks", "num_heads", "ffn_dim", "max_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         if self.ffn_activation not in ("gelu", "relu"):
@@ -93,8 +97,14 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_ln = nn.LayerNorm(cfg.dim)
-        nn.init.normal_(self.item_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        # initialisation as in the HSTU repository's SASRec: truncated normals for the embeddings,
+        # Xavier-normal for every weight matrix of the blocks (biases and LayerNorms keep their defaults)
+        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        std = math.sqrt(1.0 / cfg.dim)
+        nn.init.trunc_normal_(self.position_embedding.weight, std=std, a=-2 * std, b=2 * std)
+        for name, p in self.blocks.named_parameters():
+            if p.dim() >= 2:
+                nn.init.xavier_normal_(p)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 

@@ -27,8 +27,21 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable or not a genrec checkpoint."""
+
+
+REQUIRED_KEYS = ("config", "item_vocab", "model")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a genrec checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    return ckpt

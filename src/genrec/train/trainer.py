@@ -52,7 +52,13 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"train.device = {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"train.device = {name!r} but this torch build has no CUDA device; use cpu or auto")
+    return device
 
 
 def item_counts(store: SequenceStore, split: Split) -> torch.Tensor:
@@ -107,13 +113,19 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
           echo=print) -> dict:
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    holds_run = last_path.exists() or best_path.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file; choose a directory for --out")
+    if holds_run and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if run_dir.exists() and not holds_run and not resume and set(p.name for p in run_dir.iterdir()) - {
+            "config.toml", "metrics.jsonl"}:
+        raise RunError(f"{run_dir} is not empty and is not a genrec run; choose another --out")
     if resume and not last_path.is_file():
-        raise RunError(f"cannot resume: {last_path} not found")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise RunError(f"cannot resume: {last_path} not found (start the run without --resume)")
     progress = sys.stderr.isatty() if progress is None else progress
 
+    cfg.data.path = str(Path(cfg.data.path).resolve())  # runs stay usable from any working directory
     tc = cfg.train
     seed_everything(tc.seed)
     if tc.threads > 0:
@@ -121,6 +133,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     device = resolve_device(tc.device)
 
     store, split = load_data(cfg)
+    if len(split.valid) == 0 or len(split.test) == 0:
+        raise RunError(f"{cfg.data.path}: the {split.name} split leaves no validation or test users "
+                       f"(leave-one-out needs users with at least 3 events)")
+    if getattr(cfg.model, "relative_bias", None) == "position_time" and store.timestamps is None:
+        echo("note: this dataset has no timestamps; HSTU's time bias is off (position bias only)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a leftover from a run that failed to start
     counts = item_counts(store, split)
     model = build_model(cfg.model, store.num_items).to(device)
     loss_fn = Loss(cfg.loss, store.num_items, counts)
@@ -139,7 +159,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
         state = dict(ckpt["state"])
-        echo(f"resuming {run_dir} at epoch {state['epoch']}")
+        report_path = run_dir / "report.json"
+        if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
+            echo(f"{run_dir} is finished; its report:")
+            return json.loads(report_path.read_text())
+        echo(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
@@ -164,7 +188,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         epoch = state["epoch"]
         model.train()
         t0, tokens, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
         for batch in bar:
             if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
                 break
@@ -172,12 +196,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             steps += 1
             tokens += n_tokens
             loss_sum += loss
+            if not math.isfinite(loss):
+                raise RunError(f"the training loss became {loss} at epoch {epoch + 1}, step {steps}; lower "
+                               f"train.lr or set train.grad_clip, then resume from {last_path} (last good epoch)")
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
         seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "train_loss": loss_sum / max(1, steps), "seconds": round(seconds, 3),
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, steps), "seconds": round(seconds, 3),
                   "steps": steps, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
-        line = f"epoch {epoch:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
+        line = f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
         state["epoch"] = epoch + 1
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             report = validate()
@@ -185,8 +212,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             record["valid"] = report.metrics
             line += "  valid " + "  ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k.endswith("@10"))
             if value > state["best_metric"]:
-                state.update(best_metric=value, best_epoch=epoch, bad_evals=0)
-                save_checkpoint({**base_state(), "model": model.state_dict(), "epoch": epoch,
+                state.update(best_metric=value, best_epoch=epoch + 1, bad_evals=0)
+                save_checkpoint({**base_state(), "model": model.state_dict(), "epoch": epoch + 1,
                                  "valid": report.metrics}, best_path)
                 line += "  *"
             else:
@@ -194,13 +221,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                 if tc.patience and state["bad_evals"] >= tc.patience:
                     state["stopped"] = True
                     line += f"  (early stop: no gain in {tc.patience} validations)"
-        log.write(record, line)
         if tc.keep_checkpoints or state["epoch"] >= tc.epochs or state["stopped"]:
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "rng": rng, "state": state}, last_path)
+        log.write(record, line)  # after last.pt: a crash in between never duplicates an epoch on resume
 
     return finish(cfg, run_dir, model, loss_fn, store, split, device, log, echo)
 
