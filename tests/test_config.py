@@ -167,3 +167,11 @@ def test_to_toml_escapes_control_characters(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(cfg.to_toml())
     assert load_config(path).data.path == "runs/a\nb"
+
+
+def test_production_preset_matches_hstu_production():
+    from genrec.models.hstu import HSTUConfig
+
+    cfg = load_config(CONFIG_DIR / "ml-1m/hstu-large-production.toml")
+    assert cfg.model == HSTUConfig.production(dim=50, num_blocks=8, num_heads=2, qk_dim=25, v_dim=25,
+                                              relative_bias="position", max_len=200)

@@ -179,3 +179,12 @@ def test_load_reports_missing_and_corrupt_files(tmp_path):
     (tmp_path / "ds" / "manifest.json").write_text("{oops")
     with pytest.raises(DatasetError, match="manifest.json is corrupt"):
         SequenceStore.load(tmp_path / "ds")
+
+
+def test_ragged_csv_names_the_line(tmp_path):
+    from genrec.data.ingest import read_table
+
+    csv = tmp_path / "log.csv"
+    csv.write_text("user,item,ts\nu1,a,1\nu1,b,2\nu2,c\nu2,d,5\n")
+    with pytest.raises(DatasetError, match=r"log.csv: line 4: 2 fields, but the first line has 3"):
+        read_table(csv)

@@ -57,7 +57,8 @@ def main() -> None:
 @click.option("--format", "table_format", type=click.Choice(["csv", "tsv", "parquet", "jsonl"]), default=None,
               help="table: file format (default: from the suffix)")
 @click.option("--dedup", type=click.Choice(["none", "exact", "pair"]), default="none", show_default=True,
-              help="drop exact duplicate events, or keep only each user's first interaction with an item")
+              help="exact: drop repeated (user, item, time) events (without timestamps this equals pair); "
+                   "pair: keep only each user's first interaction with an item")
 @click.option("--min-user-count", default=0, show_default=True, help="k-core: keep users with at least this many events")
 @click.option("--min-item-count", default=0, show_default=True, help="k-core: keep items with at least this many events")
 @click.option("--download", is_flag=True, help="grouplens: download INPUT (ml-1m, ml-20m, ...) from GroupLens first")

@@ -67,11 +67,35 @@ def read_table(path: str | Path, fmt: str | None = None, sep: str | None = None,
             raise DatasetError(f"{path}: unknown format {fmt!r}; use csv, tsv, parquet or jsonl")
     except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError) as e:
         msg = str(e).split("\n")[0]
+        if fmt in ("csv", "tsv"):
+            where = _first_ragged_line(path, sep or ("\t" if fmt == "tsv" else ","))
+            if where is not None:
+                line, got, expected = where
+                raise DatasetError(f"{path}: line {line}: {got} fields, but the first line has {expected} "
+                                   f"(check --sep and quoting)") from None
         hint = " (check --sep and the column names)" if fmt in ("csv", "tsv") else ""
         raise DatasetError(f"{path}: cannot read as {fmt}: {msg}{hint}") from None
     if table.num_rows == 0:
         raise DatasetError(f"{path}: no rows")
     return table
+
+
+def _first_ragged_line(path: Path, delimiter: str) -> tuple[int, int, int] | None:
+    """(line, fields, expected) of the first non-empty line whose field count differs from line 1.
+
+    Error path only; vectorised over the bytes. Files with quotes are skipped (a quoted field may hold
+    the delimiter), and so are multi-byte delimiters.
+    """
+    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    if len(delimiter.encode()) != 1 or (data == ord('"')).any():
+        return None
+    newlines = np.flatnonzero(data == 10)
+    n_lines = len(newlines) + 1
+    fields = np.bincount(np.searchsorted(newlines, np.flatnonzero(data == ord(delimiter))), minlength=n_lines) + 1
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(data)]))
+    bad = np.flatnonzero((ends > starts) & (fields != fields[0]))
+    return (int(bad[0]) + 1, int(fields[bad[0]]), int(fields[0])) if len(bad) else None
 
 
 def column(table: pa.Table, name: str, path: str | Path, role: str) -> pa.ChunkedArray:

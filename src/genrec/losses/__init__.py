@@ -12,7 +12,8 @@ so training and evaluation compare queries and items the same way (dot or cosine
   non-uniform samplers).
 - ``in_batch``: the other positions' targets in the batch are the negatives; repeats of the target are
   masked; optional logQ correction with the items' training frequency.
-- ``bce``: binary cross-entropy with one uniform negative per position (the original SASRec objective).
+- ``bce``: binary cross-entropy with one uniform negative per position (the original SASRec objective
+  when used with ``temperature = 1`` and ``l2_norm = false``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ Switches for the variants the anchors disagree on (reference value first):
 - ``output``: "u_ln_o" (U * LN(O)) | "concat" (Linear([U, O, U * LN(O)]), production layer)
 - ``ln_affine``: False | True (learnable LayerNorm scale and shift)
 :meth:`HSTUConfig.production` returns the production preset.
+
+Note on ``attn_norm``: every normaliser is one scalar per query row, and with ``output = "u_ln_o"`` the
+attention output goes straight into a LayerNorm, which cancels any per-row scale (up to its eps). So
+the normaliser changes the model only through ``ln_eps`` unless ``output = "concat"``, where O also
+enters unnormalised. It still matters for numerics (bf16 range) and is kept as the reference wrote it.
 """
 
 from __future__ import annotations
