@@ -98,14 +98,22 @@ def test_train_evaluate_recommend(trained_run, tiny_dataset):
 
     store = SequenceStore.load(tiny_dataset)
     history = [str(x) for x in store.item_vocab.to_raw(store.user_items(0)[:5])]
-    out = json.loads(run("recommend", trained_run, "--history", ",".join(history), "-k", "7", "--json").output)
+    out = json.loads(run("recommend", trained_run, "--history", ",".join(history), "-k", "7", "--json").stdout)
     assert len(out["items"]) == 7 and out["unknown"] == 0
     assert not set(map(str, out["items"])) & set(history)  # seen items excluded
     assert out["scores"] == sorted(out["scores"], reverse=True)
-    out = json.loads(run("recommend", trained_run, "--history", "no-such-item," + history[0], "--json").output)
+    out = json.loads(run("recommend", trained_run, "--history", "no-such-item," + history[0], "--json").stdout)
     assert out["unknown"] == 1 and len(out["items"]) == 10
-    out = json.loads(run("recommend", trained_run, "--history", "no-such-item", "--json").output)
+    out = json.loads(run("recommend", trained_run, "--history", "no-such-item", "--json").stdout)
     assert out["fallback"] is True and len(out["items"]) == 10
+    # a time-aware model without timestamps says so; with them it does not
+    res = run("recommend", trained_run, "--history", ",".join(history))
+    assert "note:" in res.stderr and "time bias" in res.stderr
+    times = ",".join(str(int(t)) for t in store.timestamps[store.offsets[0]:store.offsets[0] + 5])
+    res = run("recommend", trained_run, "--history", ",".join(history), "--timestamps", times, "--at", "1700000000")
+    assert "note:" not in res.stderr and len(res.stdout.splitlines()) == 10
+    res = run("recommend", trained_run, "--history", ",".join(history), "--timestamps", "1,2", ok=False)
+    assert res.exit_code != 0 and "one time per history item" in res.output
 
 
 def test_train_config_errors(tiny_dataset, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -207,7 +208,12 @@ def recommend(run_dir, history, k, timestamps, query_time, include_seen, as_json
             except ValueError:
                 raise ValueError("--timestamps must be comma-separated integers (unix seconds)") from None
         rec = Recommender.load(run_dir)
-        (r,) = rec.recommend([items], k=k, exclude_seen=not include_seen, timestamps=times, query_time=query_time)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (r,) = rec.recommend([items], k=k, exclude_seen=not include_seen, timestamps=times,
+                                 query_time=query_time)
+        for w in caught:
+            click.echo(f"note: {w.message} (--timestamps, --at)", err=True)
     except USER_ERRORS as e:
         _fail(e)
     if as_json:
