@@ -155,3 +155,12 @@ def test_prepare_refuses_out_containing_input(tmp_path):
     res = run("prepare", "s3rec", seq, tmp_path / "in", "--overwrite", ok=False)
     assert res.exit_code != 0
     assert seq.read_text() == "1 2 3\n2 3 4\n"
+
+
+def test_prepare_download_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from genrec.data import datasets
+
+    monkeypatch.setattr(datasets, "GROUPLENS_URL", "http://127.0.0.1:9/{name}.zip")
+    res = run("prepare", "grouplens", "ml-1m", tmp_path / "out", "--download", ok=False)
+    assert res.exit_code != 0 and "offline" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # no dataset and no empty download cache left behind

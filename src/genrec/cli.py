@@ -100,7 +100,13 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
         elif fmt == "grouplens":
             path = input_path
             if download:
-                path = datasets.download_grouplens(input_path, Path(out).parent / f".download-{input_path}")
+                cache = Path(out).parent / f".download-{input_path}"
+                try:
+                    path = datasets.download_grouplens(input_path, cache)
+                except DatasetError:
+                    if cache.is_dir() and not any(cache.iterdir()):
+                        cache.rmdir()
+                    raise
             store = datasets.grouplens(path, **filters)
         else:
             reader = {"s3rec": datasets.s3rec, "ml1m-seq": datasets.ml1m_seq, "recbole": datasets.recbole,
