@@ -31,7 +31,8 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int) -> dict:
     model = build_model(cfg.model, store.num_items)
     loss_fn = Loss(cfg.loss, store.num_items, item_counts(store, split))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    loader = TrainLoader(store, split, cfg.train.batch_size, cfg.data.max_len, seed=cfg.train.seed)
+    loader = TrainLoader(store, split, cfg.train.batch_size, cfg.data.max_len, seed=cfg.train.seed,
+                         length_window=cfg.train.length_window)
     batches = loader.epoch(0)
     model.train()
     for _ in range(warmup):

@@ -228,3 +228,35 @@ def test_leave_one_out_without_timestamps(store_from_sequences):
     batch = _check_eval_batch(store, split.test, max_len=2)
     assert batch.timestamps is None and batch.query_time is None
     _check_training_batch(store, split, np.array([0]), max_len=5)
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 1000])
+def test_length_aware_batching_visits_every_user_once(tiny_store, window):
+    from genrec.data.batches import TrainLoader
+
+    split = leave_one_out(tiny_store)
+    plain = TrainLoader(tiny_store, split, batch_size=16, max_len=20, seed=3)
+    loader = TrainLoader(tiny_store, split, batch_size=16, max_len=20, seed=3, length_window=window)
+    batches = loader.batches(epoch=2)
+    assert sorted(np.concatenate(batches).tolist()) == sorted(plain.users.tolist())
+    assert len(batches) == len(loader)
+    # deterministic per (seed, epoch), different across epochs
+    assert all(np.array_equal(a, b) for a, b in zip(batches, loader.batches(epoch=2)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, loader.batches(epoch=3)))
+    if window == 0:
+        assert all(np.array_equal(a, b) for a, b in zip(batches, plain.batches(epoch=2)))
+
+
+def test_length_aware_batching_reduces_padding(tiny_store):
+    from genrec.data.batches import TrainLoader
+
+    split = leave_one_out(tiny_store)
+
+    def padded_cells(loader):
+        return sum(b.items.numel() for b in loader.epoch(0))
+
+    plain = TrainLoader(tiny_store, split, batch_size=16, max_len=60, seed=0)
+    bucketed = TrainLoader(tiny_store, split, batch_size=16, max_len=60, seed=0, length_window=100)
+    real = sum(int(b.lengths.sum()) for b in plain.epoch(0))
+    assert real == sum(int(b.lengths.sum()) for b in bucketed.epoch(0))
+    assert padded_cells(bucketed) < 0.8 * padded_cells(plain)

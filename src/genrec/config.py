@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 truncates (smoke tests, quick looks)
     grad_clip: float = 0.0  # 0 = off
+    length_window: int = 0  # length-aware batching: sort users by length within windows of N batches (0 = off)
     keep_checkpoints: bool = True  # write last.pt every epoch for resume
 
 
@@ -220,6 +221,7 @@ def validate(cfg: Config) -> None:
         "train.threads": cfg.train.threads,
         "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
         "train.grad_clip": cfg.train.grad_clip,
+        "train.length_window": cfg.train.length_window,
     }
     for key, value in positive.items():
         if not value > 0:  # also rejects NaN

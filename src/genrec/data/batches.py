@@ -93,16 +93,23 @@ def eval_batch(store: SequenceStore, users: np.ndarray, target_rows: np.ndarray,
 class TrainLoader:
     """Iterates training batches over users with at least one training target, shuffled per epoch.
 
+    With ``length_window = W > 0`` (length-aware batching), the shuffled users are cut into windows of
+    W batches, each window is sorted by history length and cut into batches, and the batches are
+    shuffled again: rows of a batch have similar lengths, so trimmed batches carry little padding,
+    while every epoch still visits every user once in a random order of batches.
+
     The order depends only on (seed, epoch), so resuming at an epoch boundary replays exactly.
     """
 
     def __init__(self, store: SequenceStore, split: Split, batch_size: int, max_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, length_window: int = 0):
         self.store, self.split = store, split
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         n_train = split.train_end - store.offsets[:-1]
         self.users = np.flatnonzero(n_train >= 2)
+        self.lengths = np.minimum(n_train[self.users] - 1, max_len)  # training positions per user
         self.rank, self.world_size = rank, world_size
+        self.length_window = length_window
 
     def __len__(self) -> int:
         per_rank = len(self.users) // self.world_size if self.world_size > 1 else len(self.users)
@@ -113,14 +120,24 @@ class TrainLoader:
         n = self.split.train_end[self.users] - self.store.offsets[self.users]
         return int(np.minimum(n - 1, self.max_len).sum())
 
-    def epoch(self, epoch: int):
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The user ids of each batch of ``epoch``, in training order."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = self.users[rng.permutation(len(self.users))]
+        perm = rng.permutation(len(self.users))
         if self.world_size > 1:  # equal share per rank (drop the remainder so all ranks step together)
-            per_rank = len(order) // self.world_size
-            order = order[self.rank * per_rank:(self.rank + 1) * per_rank]
-        for s in range(0, len(order), self.batch_size):
-            yield training_batch(self.store, order[s:s + self.batch_size], self.split.train_end, self.max_len)
+            per_rank = len(perm) // self.world_size
+            perm = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        B = self.batch_size
+        if self.length_window > 0:
+            window = np.arange(len(perm)) // (self.length_window * B)
+            perm = perm[np.lexsort((self.lengths[perm], window))]  # sort by length inside each window
+            cuts = [perm[s:s + B] for s in range(0, len(perm), B)]
+            return [self.users[cuts[i]] for i in rng.permutation(len(cuts))]
+        return [self.users[perm[s:s + B]] for s in range(0, len(perm), B)]
+
+    def epoch(self, epoch: int):
+        for users in self.batches(epoch):
+            yield training_batch(self.store, users, self.split.train_end, self.max_len)
 
 
 def eval_batches(store: SequenceStore, examples: EvalExamples, batch_size: int, max_len: int):

@@ -145,7 +145,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     model = build_model(cfg.model, store.num_items).to(device)
     loss_fn = Loss(cfg.loss, store.num_items, counts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed)
+    loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed, length_window=tc.length_window)
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "stopped": False}
 
     if resume:
