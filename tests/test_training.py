@@ -247,3 +247,12 @@ def test_no_evaluation_users_is_an_error_before_training(tmp_path):
     with pytest.raises(RunError, match="at least 3 events"):
         train(tiny_config(tmp_path / "short", epochs=1), tmp_path / "run", echo=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_options_gradient_checkpointing_and_length_window(tiny_data_dir, tmp_path):
+    base = train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=3), tmp_path / "base", echo=quiet)
+    ckpt = train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=3, grad_checkpointing=True),
+                 tmp_path / "ckpt", echo=quiet)
+    assert ckpt["valid"] == pytest.approx(base["valid"], abs=1e-6)  # same math, recomputed
+    bucketed = train(tiny_config(tiny_data_dir, epochs=1, length_window=4), tmp_path / "len", echo=quiet)
+    assert bucketed["test"]["hr@10"] > 0

@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 truncates (smoke tests, quick looks)
     grad_clip: float = 0.0  # 0 = off
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
     length_window: int = 0  # length-aware batching: sort users by length within windows of N batches (0 = off)
     keep_checkpoints: bool = True  # write last.pt every epoch for resume
 

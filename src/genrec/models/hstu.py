@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
 
@@ -203,6 +204,7 @@ class HSTU(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
+        self.grad_checkpointing = False  # set by the trainer (train.grad_checkpointing)
         # initialisation as in the reference: item embeddings truncated normal (std 0.02); the position
         # table ends up Xavier-normal (the reference model re-initialises every non-HSTU, non-embedding
         # matrix that way); inside the layers W_uvqk and the relative biases are normal(0.02), the output
@@ -225,7 +227,10 @@ class HSTU(nn.Module):
             query_time = batch.query_time if batch.query_time is not None else batch.timestamps
             buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
         for layer in self.layers:
-            x = layer(x, batch.lengths, buckets) * mask
+            if self.grad_checkpointing and self.training:  # recompute the layer in backward: O(L) memory per layer
+                x = checkpoint(layer, x, batch.lengths, buckets, use_reentrant=False) * mask
+            else:
+                x = layer(x, batch.lengths, buckets) * mask
         if self.cfg.output_l2_norm:
             x = F.normalize(x, dim=-1, eps=1e-6)
         return x  # (B, L, D)

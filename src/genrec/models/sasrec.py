@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
 
@@ -97,6 +98,7 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_ln = nn.LayerNorm(cfg.dim)
+        self.grad_checkpointing = False  # set by the trainer (train.grad_checkpointing)
         # initialisation as in the HSTU repository's SASRec: truncated normals for the embeddings,
         # Xavier-normal for every weight matrix of the blocks (biases and LayerNorms keep their defaults)
         nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
@@ -120,7 +122,10 @@ class SASRec(nn.Module):
         x = x + self.position_embedding(torch.arange(L, device=items.device))[None]
         x = self.dropout(x) * mask
         for block in self.blocks:
-            x = block(x) * mask
+            if self.grad_checkpointing and self.training:  # recompute the block in backward
+                x = checkpoint(block, x, use_reentrant=False) * mask
+            else:
+                x = block(x) * mask
         return self.final_ln(x) * mask  # (B, L, D)
 
     def item_vectors(self) -> torch.Tensor:

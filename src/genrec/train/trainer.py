@@ -143,6 +143,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a leftover from a run that failed to start
     counts = item_counts(store, split)
     model = build_model(cfg.model, store.num_items).to(device)
+    model.grad_checkpointing = tc.grad_checkpointing
     loss_fn = Loss(cfg.loss, store.num_items, counts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed, length_window=tc.length_window)
