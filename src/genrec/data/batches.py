@@ -53,7 +53,7 @@ def training_batch(store: SequenceStore, users: np.ndarray, train_end: np.ndarra
     starts = np.maximum(store.offsets[users], train_end[users] - (max_len + 1))
     n = train_end[users] - starts  # events in the window (inputs + 1)
     lengths = np.maximum(n - 1, 0)
-    width = max(1, int(lengths.max()))
+    width = max(1, int(lengths.max())) if len(lengths) else 1
     items = gather_rows(store.items, starts, lengths, width)
     targets = gather_rows(store.items, starts + 1, lengths, width)
     ts = qt = act = None
@@ -112,8 +112,7 @@ class TrainLoader:
         self.length_window = length_window
 
     def __len__(self) -> int:
-        per_rank = len(self.users) // self.world_size if self.world_size > 1 else len(self.users)
-        return (per_rank + self.batch_size - 1) // self.batch_size
+        return (len(self.users) + self.batch_size - 1) // self.batch_size
 
     def num_tokens(self) -> int:
         """Training targets in one epoch (after max_len truncation)."""
@@ -121,19 +120,24 @@ class TrainLoader:
         return int(np.minimum(n - 1, self.max_len).sum())
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """The user ids of each batch of ``epoch``, in training order."""
+        """The user ids of each batch of ``epoch``, in training order.
+
+        ``batch_size`` is the global batch; with ``world_size > 1`` each rank gets its contiguous slice
+        of every global batch, so all ranks together see exactly the single-process batches.
+        """
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(len(self.users))
-        if self.world_size > 1:  # equal share per rank (drop the remainder so all ranks step together)
-            per_rank = len(perm) // self.world_size
-            perm = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
         B = self.batch_size
         if self.length_window > 0:
             window = np.arange(len(perm)) // (self.length_window * B)
             perm = perm[np.lexsort((self.lengths[perm], window))]  # sort by length inside each window
             cuts = [perm[s:s + B] for s in range(0, len(perm), B)]
-            return [self.users[cuts[i]] for i in rng.permutation(len(cuts))]
-        return [self.users[perm[s:s + B]] for s in range(0, len(perm), B)]
+            batches = [self.users[cuts[i]] for i in rng.permutation(len(cuts))]
+        else:
+            batches = [self.users[perm[s:s + B]] for s in range(0, len(perm), B)]
+        if self.world_size > 1:
+            batches = [np.array_split(b, self.world_size)[self.rank] for b in batches]
+        return batches
 
     def epoch(self, epoch: int):
         for users in self.batches(epoch):

@@ -37,6 +37,7 @@ from genrec.eval.ranking import Report, evaluate_model, evaluate_popularity
 from genrec.losses import Loss
 from genrec.models import build_model
 from genrec.train.checkpoint import load_checkpoint, save_checkpoint
+from genrec.train.distributed import DDPModel, Dist, setup, teardown
 
 
 class RunError(RuntimeError):
@@ -86,16 +87,23 @@ def _selected(report: Report, metric: str) -> float:
 
 
 def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Optimizer, batch,
-               grad_clip: float = 0.0) -> tuple[float, int]:
-    """One optimisation step on one batch; returns (loss, number of predicted positions)."""
+               grad_clip: float = 0.0, d: Dist = Dist()) -> tuple[float, int]:
+    """One optimisation step; returns (loss, predicted positions), both over all ranks.
+
+    Under DDP each rank's mean loss is rescaled by its share of the global positions, so that the
+    averaged gradient is the gradient of the global mean, exactly as in a single process.
+    """
     hidden = model(batch)  # (B, L, D)
-    loss = loss_fn(hidden, batch.targets, model.item_vectors())
+    loss = loss_fn(hidden, batch.targets, model.item_vectors())  # mean over this rank's positions
+    n_local = int((batch.targets > 0).sum())
+    n_global = int(d.sum(n_local))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (n_local * d.world_size / max(n_global, 1)) if d.enabled else loss).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return float(loss.detach()), int((batch.targets > 0).sum())
+    value = float(loss.detach())
+    return (d.sum(value * n_local) / max(n_global, 1) if d.enabled else value), n_global
 
 
 def _resume_view(config: dict) -> dict:
@@ -111,6 +119,15 @@ def load_data(cfg: Config) -> tuple[SequenceStore, Split]:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
           echo=print) -> dict:
+    """Train, validate, select, test. Under torchrun every process calls this; see train/distributed.py."""
+    d = setup()
+    try:
+        return _train(cfg, run_dir, resume, progress, echo if d.is_main else (lambda *a, **k: None), d)
+    finally:
+        teardown(d)
+
+
+def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None, echo, d: Dist) -> dict:
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     holds_run = last_path.exists() or best_path.exists()
@@ -123,7 +140,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         raise RunError(f"{run_dir} is not empty and is not a genrec run; choose another --out")
     if resume and not last_path.is_file():
         raise RunError(f"cannot resume: {last_path} not found (start the run without --resume)")
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = (sys.stderr.isatty() if progress is None else progress) and d.is_main
+    if cfg.train.batch_size % d.world_size:
+        raise RunError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
+                       f"{d.world_size} processes")
+    d.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     cfg.data.path = str(Path(cfg.data.path).resolve())  # runs stay usable from any working directory
     tc = cfg.train
@@ -131,6 +152,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
 
     store, split = load_data(cfg)
     if len(split.valid) == 0 or len(split.test) == 0:
@@ -138,15 +161,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                        f"(leave-one-out needs users with at least 3 events)")
     if getattr(cfg.model, "relative_bias", None) == "position_time" and store.timestamps is None:
         echo("note: this dataset has no timestamps; HSTU's time bias is off (position bias only)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a leftover from a run that failed to start
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a leftover from a run that failed to start
     counts = item_counts(store, split)
     model = build_model(cfg.model, store.num_items).to(device)
     model.grad_checkpointing = tc.grad_checkpointing
     loss_fn = Loss(cfg.loss, store.num_items, counts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed, length_window=tc.length_window)
+    loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed, length_window=tc.length_window,
+                         rank=d.rank, world_size=d.world_size)
+    step_model = DDPModel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else model
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "stopped": False}
 
     if resume:
@@ -156,7 +182,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                            f"resume with the same config (see {run_dir / 'config.toml'})")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        ranks = ckpt["rng"].get("torch_ranks")
+        if d.enabled and (ranks is None or len(ranks) != d.world_size):
+            raise RunError(f"{last_path} was written by {len(ranks or [0])} process(es); resume with as many")
+        torch.set_rng_state((ranks[d.rank] if d.enabled else ckpt["rng"]["torch"]).cpu())
         if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
         state = dict(ckpt["state"])
@@ -165,13 +194,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             echo(f"{run_dir} is finished; its report:")
             return json.loads(report_path.read_text())
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
+    elif d.is_main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
-    log = MetricsLog(run_dir / "metrics.jsonl", echo)
+    log = MetricsLog(run_dir / "metrics.jsonl", echo) if d.is_main else None
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"{type(model).__name__}: {n_params:,} parameters; {store.num_users:,} users, {store.num_items:,} items; "
-         f"{len(loader)} steps/epoch; device {device}; {torch.get_num_threads()} threads")
+         f"{len(loader)} steps/epoch; device {device}; {torch.get_num_threads()} threads"
+         + (f" x {d.world_size} processes" if d.enabled else ""))
 
     def base_state() -> dict:
         return {"config": cfg.to_dict(), "item_vocab": store.item_vocab.state(), "item_counts": counts,
@@ -193,7 +223,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         for batch in bar:
             if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
                 break
-            loss, n_tokens = train_step(model, loss_fn, optimizer, batch.to(device), tc.grad_clip)
+            loss, n_tokens = train_step(step_model, loss_fn, optimizer, batch.to(device), tc.grad_clip, d)
             steps += 1
             tokens += n_tokens
             loss_sum += loss
@@ -207,7 +237,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                   "steps": steps, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
         line = f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
         state["epoch"] = epoch + 1
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+        if ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs) and d.is_main:
             report = validate()
             value = _selected(report, cfg.eval.select_metric)
             record["valid"] = report.metrics
@@ -222,15 +252,20 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                 if tc.patience and state["bad_evals"] >= tc.patience:
                     state["stopped"] = True
                     line += f"  (early stop: no gain in {tc.patience} validations)"
+        state = d.broadcast(state)  # rank 0 decided best / early stop; every rank follows
         if tc.keep_checkpoints or state["epoch"] >= tc.epochs or state["stopped"]:
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "rng": rng, "state": state}, last_path)
-        log.write(record, line)  # after last.pt: a crash in between never duplicates an epoch on resume
+            rng_ranks = d.gather(torch.get_rng_state())
+            if d.is_main:
+                rng = {"torch": rng_ranks[0], "torch_ranks": rng_ranks}
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "rng": rng, "state": state}, last_path)
+        if d.is_main:
+            log.write(record, line)  # after last.pt: a crash in between never duplicates an epoch on resume
 
-    return finish(cfg, run_dir, model, loss_fn, store, split, device, log, echo)
+    report = finish(cfg, run_dir, model, loss_fn, store, split, device, log, echo) if d.is_main else None
+    return d.broadcast(report)
 
 
 def finish(cfg: Config, run_dir: Path, model, loss_fn: Loss, store: SequenceStore, split: Split, device,
