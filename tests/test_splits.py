@@ -260,3 +260,21 @@ def test_length_aware_batching_reduces_padding(tiny_store):
     real = sum(int(b.lengths.sum()) for b in plain.epoch(0))
     assert real == sum(int(b.lengths.sum()) for b in bucketed.epoch(0))
     assert padded_cells(bucketed) < 0.8 * padded_cells(plain)
+
+
+def test_prefetch_keeps_order_and_errors():
+    from genrec.data.batches import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad batch")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(it)
+    for i, x in enumerate(prefetch(iter(range(1000)))):  # an early break does not hang
+        if i == 3:
+            break

@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 truncates (smoke tests, quick looks)
     grad_clip: float = 0.0  # 0 = off
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fast on GPUs and CPUs with bf16 units, slow elsewhere)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
     length_window: int = 0  # length-aware batching: sort users by length within windows of N batches (0 = off)
     keep_checkpoints: bool = True  # write last.pt every epoch for resume
@@ -201,6 +202,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "data.split": (cfg.data.split, ("leave_one_out", "temporal")),
         "loss.name": (cfg.loss.name, ("full_softmax", "sampled_softmax", "in_batch", "bce")),
+        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -147,3 +147,45 @@ class TrainLoader:
 def eval_batches(store: SequenceStore, examples: EvalExamples, batch_size: int, max_len: int):
     for s in range(0, len(examples), batch_size):
         yield eval_batch(store, examples.users[s:s + batch_size], examples.target_rows[s:s + batch_size], max_len)
+
+
+def prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (numpy gathers release the GIL).
+
+    Exceptions raised by the producer are re-raised in the consumer; stopping early (``break``) lets the
+    thread finish its current item and exit.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()

@@ -30,7 +30,7 @@ import torch
 
 from genrec import __version__
 from genrec.config import Config
-from genrec.data.batches import TrainLoader
+from genrec.data.batches import TrainLoader, prefetch
 from genrec.data.split import Split, make_split
 from genrec.data.store import SequenceStore
 from genrec.eval.ranking import Report, evaluate_model, evaluate_popularity
@@ -87,14 +87,18 @@ def _selected(report: Report, metric: str) -> float:
 
 
 def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Optimizer, batch,
-               grad_clip: float = 0.0, d: Dist = Dist()) -> tuple[float, int]:
+               grad_clip: float = 0.0, d: Dist = Dist(), precision: str = "fp32") -> tuple[float, int]:
     """One optimisation step; returns (loss, predicted positions), both over all ranks.
 
     Under DDP each rank's mean loss is rescaled by its share of the global positions, so that the
     averaged gradient is the gradient of the global mean, exactly as in a single process.
+    ``precision = "bf16"`` runs forward and loss under bfloat16 autocast (weights and optimiser stay fp32).
     """
-    hidden = model(batch)  # (B, L, D)
-    loss = loss_fn(hidden, batch.targets, model.item_vectors())  # mean over this rank's positions
+    device_type = batch.items.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = model(batch)  # (B, L, D)
+        loss = loss_fn(hidden, batch.targets, model.item_vectors())  # mean over this rank's positions
+    loss = loss.float()
     n_local = int((batch.targets > 0).sum())
     n_global = int(d.sum(n_local))
     optimizer.zero_grad(set_to_none=True)
@@ -219,11 +223,13 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         epoch = state["epoch"]
         model.train()
         t0, tokens, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
+        batches = prefetch(loader.epoch(epoch), depth=2)  # the next batches are collated while this one trains
+        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
         for batch in bar:
             if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
                 break
-            loss, n_tokens = train_step(step_model, loss_fn, optimizer, batch.to(device), tc.grad_clip, d)
+            loss, n_tokens = train_step(step_model, loss_fn, optimizer, batch.to(device), tc.grad_clip, d,
+                                        tc.precision)
             steps += 1
             tokens += n_tokens
             loss_sum += loss
