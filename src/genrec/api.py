@@ -59,7 +59,7 @@ def find_configs() -> Path:
 
 def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, echo=print) -> dict:
     """Prepare the synthetic default data, train SASRec and HSTU, print metrics and recommendations."""
-    from genrec.data.synthetic import PRESETS, generate
+    from genrec.data.synthetic import PRESETS, generate_to
     from genrec.infer.recommender import Recommender
     from genrec.train.trainer import train
 
@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, echo=prin
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
         echo(f"preparing synthetic data in {data_dir} ...")
-        generate(PRESETS["default"]).save(data_dir)
+        generate_to(PRESETS["default"], data_dir)
     configs = find_configs() / "synthetic"
     reports = {}
     for name in ("sasrec", "hstu"):

@@ -76,12 +76,13 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
     recbole   a RecBole .inter file (or its directory; .user/.item beside it are kept)
     bert4rec  a `user item` pairs file, one interaction per line, in time order
     grouplens ratings.dat (`::`) or ratings.csv; with --download, a GroupLens name such as ml-1m
-    synthetic a preset name: tiny, small or default (INPUT is the preset)
+    synthetic a preset name: tiny, small, default, 1m or 100m (INPUT is the preset; 100m = 1M users,
+              1M items, ~100M events, streamed to disk in bounded memory)
 
     Example: genrec prepare ml1m-seq ../shared/data/ml-1m data/ml-1m
     """
     from genrec.data import datasets
-    from genrec.data.synthetic import PRESETS, generate
+    from genrec.data.synthetic import PRESETS, generate_to
 
     filters = dict(dedup=dedup, min_user_count=min_user_count, min_item_count=min_item_count)
     t0 = time.perf_counter()
@@ -89,10 +90,11 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
         check_writable(Path(out), overwrite)
         if Path(out).resolve() in [Path(input_path).resolve(), *Path(input_path).resolve().parents]:
             raise DatasetError(f"OUT ({out}) must not contain INPUT ({input_path}); choose another directory")
-        if fmt == "synthetic":
+        if fmt == "synthetic":  # streamed to disk chunk by chunk: bounded memory at any size
             if input_path not in PRESETS:
                 raise DatasetError(f"synthetic INPUT must be a preset: {', '.join(PRESETS)}")
-            store = generate(PRESETS[input_path])
+            generate_to(PRESETS[input_path], out, overwrite=overwrite, progress=sys.stderr.isatty())
+            store = SequenceStore.load(out)
         elif fmt == "table":
             store = datasets.table(input_path, user_col=user_col, item_col=item_col, time_col=time_col,
                                    action_col=action_col, rating_col=rating_col, fmt=table_format, sep=sep,
@@ -112,7 +114,8 @@ def prepare(fmt, input_path, out, user_col, item_col, time_col, action_col, rati
             reader = {"s3rec": datasets.s3rec, "ml1m-seq": datasets.ml1m_seq, "recbole": datasets.recbole,
                       "bert4rec": datasets.bert4rec}[fmt]
             store = reader(input_path, **filters)
-        store.save(out, overwrite=overwrite)
+        if fmt != "synthetic":
+            store.save(out, overwrite=overwrite)
     except USER_ERRORS as e:
         _fail(e)
     s = store.stats()

@@ -20,6 +20,7 @@ into place, so an interrupted prepare never leaves a half-written dataset behind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,14 +97,10 @@ class SequenceStore:
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write atomically: build in a temporary sibling directory, then rename into place."""
-        out = Path(out_dir)
-        check_writable(out, overwrite)
         unknown = sorted(set(self.side) - set(SIDE_FILES))
         if unknown:
             raise DatasetError(f"unknown side table(s) {', '.join(unknown)}; expected {', '.join(SIDE_FILES)}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with staging(out_dir, overwrite) as tmp:
             np.save(tmp / "offsets.npy", np.ascontiguousarray(self.offsets, dtype=np.int64))
             np.save(tmp / "items.npy", np.ascontiguousarray(self.items, dtype=np.int32))
             if self.timestamps is not None:
@@ -112,37 +109,15 @@ class SequenceStore:
                 np.save(tmp / "actions.npy", np.ascontiguousarray(self.actions, dtype=np.int16))
             if self.ratings is not None:
                 np.save(tmp / "ratings.npy", np.ascontiguousarray(self.ratings, dtype=np.float32))
-            self.user_vocab.save(tmp, "user_ids")
-            self.item_vocab.save(tmp, "item_ids")
             if self.side:
                 import pyarrow.parquet as pq
 
                 for key, table in self.side.items():
                     pq.write_table(table, tmp / SIDE_FILES[key])
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                **self.manifest,
-                "counts": {"users": self.num_users, "items": self.num_items, "interactions": self.num_events},
-                "columns": ["items"] + [c for c in OPTIONAL_COLUMNS if getattr(self, c) is not None],
-                "side": sorted(SIDE_FILES[k] for k in self.side),
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            if out.exists():  # overwrite: move the old one aside first, delete only after success
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                out.rename(old)
-                try:
-                    tmp.rename(out)
-                except BaseException:
-                    old.rename(out)  # put the previous dataset back
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest = manifest
-        return out
+            self.manifest = write_metadata(tmp, self.user_vocab, self.item_vocab, self.offsets, self.manifest,
+                                           [c for c in OPTIONAL_COLUMNS if getattr(self, c) is not None],
+                                           sorted(SIDE_FILES[k] for k in self.side))
+        return Path(out_dir)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> "SequenceStore":
@@ -203,3 +178,45 @@ def check_writable(out: Path, overwrite: bool) -> None:
         raise DatasetError(f"{out} already exists; choose another directory or pass --overwrite")
     if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
         raise DatasetError(f"{out} exists and is not a genrec dataset; refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def staging(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` atomically, on failure
+    it is deleted and any previous dataset at ``out_dir`` is left untouched."""
+    out = Path(out_dir)
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # overwrite: move the old one aside first, delete only after success
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous dataset back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_metadata(directory: Path, user_vocab: Vocab, item_vocab: Vocab, offsets: np.ndarray, manifest: dict,
+                   columns: list[str], side: list[str] = ()) -> dict:
+    """Write the vocabularies and manifest.json of a dataset being staged; returns the manifest."""
+    user_vocab.save(directory, "user_ids")
+    item_vocab.save(directory, "item_ids")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "counts": {"users": len(offsets) - 1, "items": len(item_vocab), "interactions": int(offsets[-1])},
+        "columns": ["items"] + list(columns),
+        "side": list(side),
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
