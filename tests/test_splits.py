@@ -278,3 +278,14 @@ def test_prefetch_keeps_order_and_errors():
     for i, x in enumerate(prefetch(iter(range(1000)))):  # an early break does not hang
         if i == 3:
             break
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 23])
+def test_train_item_counts_chunked_equals_direct(tiny_store, chunk):
+    from genrec.data.split import train_item_counts
+
+    split = leave_one_out(tiny_store)
+    want = np.zeros(tiny_store.num_items + 1, dtype=np.int64)
+    for u in range(tiny_store.num_users):
+        np.add.at(want, tiny_store.items[tiny_store.offsets[u]:split.train_end[u]], 1)
+    np.testing.assert_array_equal(train_item_counts(tiny_store, split.train_end, chunk_events=chunk), want)

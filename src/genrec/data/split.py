@@ -102,3 +102,23 @@ def make_split(store: SequenceStore, name: str, valid_fraction: float = 0.1, tes
     if name == "temporal":
         return temporal(store, valid_fraction, test_fraction)
     raise DatasetError(f"unknown split {name!r}; use leave_one_out or temporal")
+
+
+def train_item_counts(store: SequenceStore, train_end: np.ndarray, chunk_events: int = 1 << 23) -> np.ndarray:
+    """(I + 1,) number of training events per item (index 0 = padding, always 0).
+
+    Reads the store in chunks of whole users (about ``chunk_events`` events each), so memory stays
+    bounded on a memory-mapped store of any size.
+    """
+    counts = np.zeros(store.num_items + 1, dtype=np.int64)
+    offsets = store.offsets
+    u0 = 0
+    while u0 < store.num_users:
+        u1 = max(u0 + 1, int(np.searchsorted(offsets, offsets[u0] + chunk_events, side="right")) - 1)
+        u1 = min(u1, store.num_users)
+        lo, hi = offsets[u0], offsets[u1]
+        user_of_row = np.repeat(np.arange(u0, u1), np.diff(offsets[u0:u1 + 1]))
+        keep = np.arange(lo, hi) < train_end[user_of_row]
+        counts += np.bincount(np.asarray(store.items[lo:hi])[keep], minlength=len(counts))
+        u0 = u1
+    return counts

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from genrec.data.batches import Batch, eval_batch
-from genrec.data.split import EvalExamples
+from genrec.data.split import EvalExamples, train_item_counts
 from genrec.data.store import SequenceStore
 from genrec.eval.metrics import ranking_metrics
 from genrec.models.scoring import Scorer
@@ -126,9 +126,7 @@ def evaluate_model(model: torch.nn.Module, scorer: Scorer, store: SequenceStore,
 
 def popularity_table(store: SequenceStore, train_end: np.ndarray) -> torch.Tensor:
     """(I + 1, 1) scores = training-event counts, ties broken towards lower item ids (unique scores)."""
-    user_of_row = np.repeat(np.arange(store.num_users), np.diff(store.offsets))
-    in_train = np.arange(store.num_events) < train_end[user_of_row]
-    counts = np.bincount(np.asarray(store.items)[in_train], minlength=store.num_items + 1)
+    counts = train_item_counts(store, train_end)
     order = np.lexsort((-np.arange(len(counts)), counts))  # ascending count, then descending id
     score = np.empty(len(counts), dtype=np.float32)
     score[order] = np.arange(len(counts), dtype=np.float32)

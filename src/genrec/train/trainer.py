@@ -31,7 +31,7 @@ import torch
 from genrec import __version__
 from genrec.config import Config
 from genrec.data.batches import TrainLoader, prefetch
-from genrec.data.split import Split, make_split
+from genrec.data.split import Split, make_split, train_item_counts
 from genrec.data.store import SequenceStore
 from genrec.eval.ranking import Report, evaluate_model, evaluate_popularity
 from genrec.losses import Loss
@@ -64,9 +64,7 @@ def resolve_device(name: str) -> torch.device:
 
 def item_counts(store: SequenceStore, split: Split) -> torch.Tensor:
     """(I + 1,) number of training events per item (row 0 = padding, always 0)."""
-    user_of_row = np.repeat(np.arange(store.num_users), np.diff(store.offsets))
-    in_train = np.arange(store.num_events) < split.train_end[user_of_row]
-    return torch.from_numpy(np.bincount(np.asarray(store.items)[in_train], minlength=store.num_items + 1))
+    return torch.from_numpy(train_item_counts(store, split.train_end))
 
 
 class MetricsLog:
