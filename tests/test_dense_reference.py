@@ -16,12 +16,12 @@ from genrec.data.batches import Batch  # noqa: E402
 from genrec.losses import sampled_softmax  # noqa: E402
 from genrec.models import HSTU, HSTUConfig, SASRec, SASRecConfig  # noqa: E402
 
-MAX_LEN = 9
+MAX_LEN = 140
 
 
 def make_batch(seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([7, 3, 1, 5])
+    lengths = torch.tensor([130, 3, 1, 70])  # longer than one attention block (64 rows)
     L = int(lengths.max())
     valid = torch.arange(L)[None] < lengths[:, None]
     items = torch.randint(1, 30, (4, L), generator=g) * valid

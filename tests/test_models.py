@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from genrec.data.batches import Batch
 from genrec.models import HSTU, SASRec, build_model
@@ -401,3 +402,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+@pytest.mark.parametrize("L,block", [(150, 64), (150, 7), (10, 64), (64, 64), (65, 64)])
+def test_blocked_causal_attention_equals_full(L, block):
+    from genrec.models.hstu import causal_silu_attention
+
+    g = torch.Generator().manual_seed(L + block)
+    q = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
+    k = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, L, 5, generator=g, requires_grad=True)
+    bias = torch.randn(2, L, L, generator=g, requires_grad=True)
+    # large scores must not leak through the mask
+    with torch.no_grad():
+        q[:, :, :, 0] *= 1e3
+    got = causal_silu_attention(q, k, v, bias, block=block)
+    mask = torch.ones(L, L).tril()
+    want = (F.silu(q @ k.transpose(-1, -2) + bias[:, None]) * mask) @ v
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    ga = torch.autograd.grad(got.sum(), [q, k, v, bias])
+    gb = torch.autograd.grad(want.sum(), [q, k, v, bias])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-4)
