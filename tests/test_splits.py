@@ -289,3 +289,16 @@ def test_train_item_counts_chunked_equals_direct(tiny_store, chunk):
     for u in range(tiny_store.num_users):
         np.add.at(want, tiny_store.items[tiny_store.offsets[u]:split.train_end[u]], 1)
     np.testing.assert_array_equal(train_item_counts(tiny_store, split.train_end, chunk_events=chunk), want)
+
+
+def test_eval_user_sample_is_stated_and_consistent(tiny_store):
+    full = make_split(tiny_store, "leave_one_out")
+    part = make_split(tiny_store, "leave_one_out", max_eval_users=50, seed=3)
+    assert len(part.valid) == len(part.test) == 50
+    assert np.array_equal(part.valid.users, part.test.users)
+    assert set(part.test.users) <= set(full.test.users)
+    assert np.array_equal(part.train_end, full.train_end)  # training is unchanged
+    assert "random sample of 50 of 200 users" in part.description
+    again = make_split(tiny_store, "leave_one_out", max_eval_users=50, seed=3)
+    assert np.array_equal(again.test.users, part.test.users)
+    assert make_split(tiny_store, "leave_one_out", max_eval_users=500).description == full.description

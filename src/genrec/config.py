@@ -78,6 +78,7 @@ class EvalConfig:
     exclude_history: bool = True  # never rank items already in the user's history
     batch_size: int = 512  # users per forward pass
     item_chunk: int = 65536  # items scored per chunk (bounds memory on huge catalogues)
+    max_users: int = 0  # 0 = every user; N = a fixed random sample of N users (huge data; stated in the protocol)
     select_metric: str = "ndcg@10"  # validation metric used for early stopping / best checkpoint
 
 
@@ -225,6 +226,7 @@ def validate(cfg: Config) -> None:
         "train.max_steps_per_epoch": cfg.train.max_steps_per_epoch,
         "train.grad_clip": cfg.train.grad_clip,
         "train.length_window": cfg.train.length_window,
+        "eval.max_users": cfg.eval.max_users,
     }
     for key, value in positive.items():
         if not value > 0:  # also rejects NaN

@@ -96,12 +96,32 @@ def temporal(store: SequenceStore, valid_fraction: float = 0.1, test_fraction: f
     )
 
 
-def make_split(store: SequenceStore, name: str, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
+def make_split(store: SequenceStore, name: str, valid_fraction: float = 0.1, test_fraction: float = 0.1,
+               max_eval_users: int = 0, seed: int = 0) -> Split:
     if name == "leave_one_out":
-        return leave_one_out(store)
-    if name == "temporal":
-        return temporal(store, valid_fraction, test_fraction)
-    raise DatasetError(f"unknown split {name!r}; use leave_one_out or temporal")
+        split = leave_one_out(store)
+    elif name == "temporal":
+        split = temporal(store, valid_fraction, test_fraction)
+    else:
+        raise DatasetError(f"unknown split {name!r}; use leave_one_out or temporal")
+    return sample_eval_users(split, max_eval_users, seed) if max_eval_users else split
+
+
+def sample_eval_users(split: Split, max_users: int, seed: int = 0) -> Split:
+    """Keep the evaluation examples of at most ``max_users`` users drawn at random (the same users in
+    validation and test where both have one). Training is unchanged; the description says so."""
+    users = np.union1d(split.valid.users, split.test.users)
+    if len(users) <= max_users:
+        return split
+    keep = np.sort(np.random.default_rng([seed, 7]).choice(users, size=max_users, replace=False))
+
+    def subset(ex: EvalExamples) -> EvalExamples:
+        sel = np.isin(ex.users, keep)
+        return EvalExamples(ex.users[sel], ex.target_rows[sel])
+
+    return Split(split.name, split.train_end, subset(split.valid), subset(split.test),
+                 f"{split.description}, evaluated on a random sample of {max_users:,} of {len(users):,} users "
+                 f"(seed {seed})")
 
 
 def train_item_counts(store: SequenceStore, train_end: np.ndarray, chunk_events: int = 1 << 23) -> np.ndarray:

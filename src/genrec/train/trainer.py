@@ -116,7 +116,8 @@ def _resume_view(config: dict) -> dict:
 
 def load_data(cfg: Config) -> tuple[SequenceStore, Split]:
     store = SequenceStore.load(cfg.data.path)
-    return store, make_split(store, cfg.data.split, cfg.data.temporal_valid, cfg.data.temporal_test)
+    return store, make_split(store, cfg.data.split, cfg.data.temporal_valid, cfg.data.temporal_test,
+                             cfg.eval.max_users, cfg.train.seed)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
