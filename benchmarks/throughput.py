@@ -48,7 +48,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def useful_flops(cfg, lengths: np.ndarray) -> float:
+def useful_flops(cfg, lengths: np.ndarray, num_items: int) -> float:
     """Matmul FLOPs of one forward pass over real tokens only (causal pairs only), x3 for fwd + bwd."""
     m = cfg.model
     T = float(lengths.sum())
@@ -60,7 +60,7 @@ def useful_flops(cfg, lengths: np.ndarray) -> float:
         per_layer = 2 * T * D * (2 * H * dv + 2 * H * dqk) + 2 * P * H * (dqk + dv) + 2 * T * out_in * D
     else:  # SASRec
         per_layer = 2 * T * D * 3 * D + 2 * P * 2 * D + 2 * T * D * D + 2 * T * D * m.ffn_dim * 2
-    loss = 2 * T * (cfg.loss.num_negatives + 1) * D if cfg.loss.name == "sampled_softmax" else 2 * T * D * 3707
+    loss = 2 * T * (cfg.loss.num_negatives + 1) * D if cfg.loss.name == "sampled_softmax" else 2 * T * D * num_items
     return 3 * (m.num_blocks * per_layer + loss)
 
 
@@ -117,7 +117,7 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
         times.append(time.perf_counter() - t)
         lengths.append(b.lengths.numpy())
     seconds = sum(times)
-    flops = useful_flops(cfg, np.concatenate(lengths))
+    flops = useful_flops(cfg, np.concatenate(lengths), store.num_items)
     t = time.perf_counter()
     if path == "genrec":
         evaluate_model(model, loss_fn.scorer, store, split.valid, "valid", split.description, cfg.data.max_len,

@@ -308,3 +308,15 @@ def test_sampled_softmax_logq_correction_is_a_noop_for_uniform_negatives():
     torch.manual_seed(3)
     b = corrected(hidden, targets, table)
     assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_loss_on_a_batch_without_targets_is_zero_with_gradients():
+    from genrec.config import LossConfig
+    from genrec.losses import Loss
+
+    for name in ("sampled_softmax", "in_batch", "full_softmax", "bce"):
+        hidden = torch.randn(2, 3, 4, requires_grad=True)
+        table = torch.randn(6, 4, requires_grad=True)
+        loss = Loss(LossConfig(name=name, num_negatives=3), 5)(hidden, torch.zeros(2, 3, dtype=torch.long), table)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(hidden.grad == 0) and torch.all(table.grad == 0)

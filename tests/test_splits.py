@@ -302,3 +302,24 @@ def test_eval_user_sample_is_stated_and_consistent(tiny_store):
     again = make_split(tiny_store, "leave_one_out", max_eval_users=50, seed=3)
     assert np.array_equal(again.test.users, part.test.users)
     assert make_split(tiny_store, "leave_one_out", max_eval_users=500).description == full.description
+
+
+def test_prefetch_early_stop_leaves_no_thread():
+    import threading
+
+    from genrec.data.batches import prefetch
+
+    before = threading.active_count()
+    for _ in range(5):
+        g = prefetch(iter(range(3)), 2)
+        next(g)
+        g.close()
+
+    def broken():
+        yield 1
+        raise ValueError("x")
+
+    g = prefetch(broken(), 1)
+    next(g)
+    g.close()
+    assert threading.active_count() == before

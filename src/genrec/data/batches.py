@@ -152,30 +152,32 @@ def eval_batches(store: SequenceStore, examples: EvalExamples, batch_size: int, 
 def prefetch(iterable, depth: int = 2):
     """Iterate ``iterable`` in a background thread, ``depth`` items ahead (numpy gathers release the GIL).
 
-    Exceptions raised by the producer are re-raised in the consumer; stopping early (``break``) lets the
-    thread finish its current item and exit.
+    Exceptions raised by the producer are re-raised in the consumer. When the consumer stops early
+    (``break``, ``close``), the producer is told to stop, the queue is drained and the thread joined.
     """
     import queue
     import threading
 
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
     stop = threading.Event()
+
+    def put(message) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
-            q.put(("end", done))
+            put(("end", None))
         except BaseException as e:  # handed to the consumer
-            q.put(("error", e))
+            put(("error", e))
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -189,3 +191,9 @@ def prefetch(iterable, depth: int = 2):
             yield value
     finally:
         stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=5)

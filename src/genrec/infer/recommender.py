@@ -90,6 +90,7 @@ class Recommender:
             qt[np.arange(L)[None, :] >= lengths[:, None]] = 0
             ts, qt = torch.from_numpy(ts), torch.from_numpy(qt)
         batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
+        batch = batch.to(self.item_table.device)
         with torch.no_grad():
             h = self.model(batch)
             return self.scorer.queries(h[torch.arange(len(hs)), batch.lengths - 1])

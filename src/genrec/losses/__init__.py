@@ -11,7 +11,8 @@ so training and evaluation compare queries and items the same way (dot or cosine
   target (accidental hits) are masked; optional logQ correction (a no-op for uniform sampling, kept for
   non-uniform samplers).
 - ``in_batch``: the other positions' targets in the batch are the negatives; repeats of the target are
-  masked; optional logQ correction with the items' training frequency.
+  masked; optional logQ correction with the items' training frequency. Under DDP the negatives are
+  those of the rank's own slice of the batch.
 - ``bce``: binary cross-entropy with one uniform negative per position (the original SASRec objective
   when used with ``temperature = 1`` and ``l2_norm = false``).
 """
@@ -108,6 +109,8 @@ class Loss:
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, D), targets (B, L) with 0 where there is nothing to predict."""
         valid = targets > 0
+        if not valid.any():  # e.g. an empty slice of the last batch on one DDP rank: zero loss, same graph
+            return (hidden.sum() + item_table.sum()) * 0.0
         q = self.scorer.queries(hidden[valid])  # (N, D)
         t = targets[valid]  # (N,)
         items = self.scorer.items(item_table)  # (I + 1, D)

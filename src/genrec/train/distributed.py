@@ -10,7 +10,8 @@
 batch a single process would see, the loss is normalised by the global number of predicted positions
 and DDP averages the gradients, so with a deterministic loss (full softmax, no dropout) N processes
 follow the single-process run up to floating-point summation order. Sampled negatives and dropout
-masks are drawn per rank. Rank 0 validates, logs and writes checkpoints; every rank's RNG state is
+masks are drawn per rank (each rank seeds its own stream), and in-batch negatives come from the rank's
+own slice. Rank 0 validates, logs and writes checkpoints; every rank's RNG state is
 saved so that resuming continues the same run.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -73,7 +75,10 @@ def setup() -> Dist:
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # gloo for CPU tensors (the small metric reductions), NCCL for CUDA tensors (the gradients);
+        # a long timeout because the other ranks wait while rank 0 runs the full-ranking validation
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

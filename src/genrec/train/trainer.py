@@ -176,6 +176,8 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
     loader = TrainLoader(store, split, tc.batch_size, cfg.data.max_len, seed=tc.seed, length_window=tc.length_window,
                          rank=d.rank, world_size=d.world_size)
     step_model = DDPModel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else model
+    if d.enabled:  # DDP copied rank 0's weights everywhere; from here each rank draws its own randomness
+        torch.manual_seed(tc.seed + d.rank)
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "stopped": False}
 
     if resume:
@@ -189,8 +191,8 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         if d.enabled and (ranks is None or len(ranks) != d.world_size):
             raise RunError(f"{last_path} was written by {len(ranks or [0])} process(es); resume with as many")
         torch.set_rng_state((ranks[d.rank] if d.enabled else ckpt["rng"]["torch"]).cpu())
-        if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
+        if device.type == "cuda" and ckpt["rng"].get("cuda_ranks"):
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda_ranks"][d.rank].cpu(), device)
         state = dict(ckpt["state"])
         report_path = run_dir / "report.json"
         if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
@@ -260,10 +262,11 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         state = d.broadcast(state)  # rank 0 decided best / early stop; every rank follows
         if tc.keep_checkpoints or state["epoch"] >= tc.epochs or state["stopped"]:
             rng_ranks = d.gather(torch.get_rng_state())
+            cuda_ranks = d.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
             if d.is_main:
                 rng = {"torch": rng_ranks[0], "torch_ranks": rng_ranks}
-                if torch.cuda.is_available():
-                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                if cuda_ranks is not None:
+                    rng["cuda_ranks"] = cuda_ranks
                 save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "rng": rng, "state": state}, last_path)
         if d.is_main:
