@@ -68,10 +68,13 @@ def rank_targets(query_fn, item_table: torch.Tensor, store: SequenceStore, examp
 
     n_items = item_table.shape[0]  # includes padding row 0
     ranks = np.empty(len(examples), dtype=np.int64)
+    # examples sorted by history length: batches of similar lengths carry little padding
+    history = np.minimum(examples.target_rows - store.offsets[examples.users], max_len)
+    order = np.argsort(history, kind="stable")
     starts = range(0, len(examples), batch_size)
     for s in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
-        users = examples.users[s:s + batch_size]
-        rows = examples.target_rows[s:s + batch_size]
+        idx = order[s:s + batch_size]
+        users, rows = examples.users[idx], examples.target_rows[idx]
         batch = eval_batch(store, users, rows, max_len).to(device)
         q = query_fn(batch)  # (B, D)
         target = batch.target  # (B,)
@@ -93,7 +96,7 @@ def rank_targets(query_fn, item_table: torch.Tensor, store: SequenceStore, examp
             beats = (scores >= target_score[:, None]) | scores.isnan()  # excluded items are -inf: never counted
             count += beats.sum(1)
         count = torch.where(torch.isfinite(target_score), count, n_items - 1)
-        ranks[s:s + len(users)] = count.cpu().numpy()
+        ranks[idx] = count.cpu().numpy()
     return ranks
 
 
