@@ -156,6 +156,7 @@ def train(config, overrides, run_dir, resume):
 
     OVERRIDES are section.key=value pairs, e.g. `train.epochs=5 data.path=data/ml-1m model.num_blocks=4`.
     Validation picks the best epoch; the test split is evaluated once, at that checkpoint.
+    Several processes or GPUs: `torchrun --standalone --nproc_per_node=2 -m genrec.cli train CONFIG --out DIR`.
     """
     from genrec.train.trainer import train as run_training
 
