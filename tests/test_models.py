@@ -404,22 +404,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
 
 
-@pytest.mark.parametrize("L,block", [(150, 64), (150, 7), (10, 64), (64, 64), (65, 64)])
-def test_blocked_causal_attention_equals_full(L, block):
+@pytest.mark.parametrize("tile", [1 << 18, 1, 3000])  # one tile; one (batch, head) row per tile; a few
+@pytest.mark.parametrize("bias_rows", [1, 2])  # shared bias (position) or per batch row (time buckets)
+@pytest.mark.parametrize("L,block", [(150, 64), (150, 7), (10, 64), (64, 64), (65, 64), (1, 64)])
+def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows):
     from genrec.models.hstu import causal_silu_attention
 
     g = torch.Generator().manual_seed(L + block)
     q = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
     k = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
     v = torch.randn(2, 3, L, 5, generator=g, requires_grad=True)
-    bias = torch.randn(2, L, L, generator=g, requires_grad=True)
+    bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True)
     # large scores must not leak through the mask
     with torch.no_grad():
         q[:, :, :, 0] *= 1e3
-    got = causal_silu_attention(q, k, v, bias, block=block)
+    got = causal_silu_attention(q, k, v, bias, block=block, tile=tile)
     mask = torch.ones(L, L).tril()
     want = (F.silu(q @ k.transpose(-1, -2) + bias[:, None]) * mask) @ v
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # without autograd the (batch, head) rows are tiled too
+        torch.testing.assert_close(causal_silu_attention(q, k, v, bias, block=block, tile=tile), want,
+                                   atol=1e-3, rtol=1e-4)
     ga = torch.autograd.grad(got.sum(), [q, k, v, bias])
     gb = torch.autograd.grad(want.sum(), [q, k, v, bias])
     for a, b in zip(ga, gb):

@@ -123,34 +123,47 @@ def gather_scalars(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 ATTENTION_BLOCK = 128  # query rows per block in causal_silu_attention
+ATTENTION_TILE = 1 << 18  # score elements per tile (1 MiB in fp32): small enough to stay in cache
 MASKED = -1e9  # added to future keys' scores: SiLU of it is exactly 0 (fp32 / bf16; fp16 is not supported)
 
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                          block: int = ATTENTION_BLOCK) -> torch.Tensor:
-    """O[b,h,i] = sum_{j<=i} SiLU(q[b,h,i].k[b,h,j] + bias[b,i,j]) v[b,h,j], block by block.
+                          block: int = ATTENTION_BLOCK, tile: int = ATTENTION_TILE) -> torch.Tensor:
+    """O[b,h,i] = sum_{j<=i} SiLU(q[b,h,i].k[b,h,j] + bias[b,i,j]) v[b,h,j], tile by tile.
 
-    Queries are processed in blocks of ``block`` rows; block [q0, q1) only scores keys [0, q1), so the
-    upper triangle right of the diagonal blocks is never computed (a quarter of the L x L work at
-    L = 200). The bias and the causal mask (``MASKED`` on future keys) are folded into the score
-    matmul (baddbmm), saving a full pass over the scores. q, k: (B, H, L, dqk); v: (B, H, L, dv);
-    bias: (B or 1, L, L) or None. Returns (B, H, L, dv).
+    The pointwise attention is memory-bound on CPU: every pass over a full (B, H, L, L) score tensor
+    streams it through RAM. Without autograd (evaluation, inference) the work is cut into tiles of about
+    ``tile`` scores, a few (batch, head) rows times one block of ``block`` query rows, whose
+    matmul -> SiLU -> matmul chain stays in cache (1.7x faster full-ranking evaluation of HSTU-large on
+    ML-1M); in training autograd saves the activations anyway and tiles would only add overhead.
+    Query block [q0, q1) only scores keys [0, q1): the upper triangle right of the diagonal blocks is
+    never computed. The bias and the causal mask (``MASKED`` on future keys) are folded into the score
+    matmul (baddbmm). q, k: (B, H, L, dqk); v: (B, H, L, dv); bias: (B or 1, L, L) or None.
+    Returns (B, H, L, dv).
     """
     B, H, L, dqk = q.shape
     dv = v.shape[-1]
     causal = torch.zeros(L, L, dtype=q.dtype, device=q.device).masked_fill_(
         torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), MASKED)  # (L, L)
     bias = causal[None] if bias is None else bias.to(q.dtype) + causal  # (B or 1, L, L)
-    if bias.shape[0] > 1:  # per-row bias (time buckets): one copy per head, as the baddbmm input
-        bias = bias[:, None].expand(B, H, L, L).reshape(B * H, L, L)
+    per_row = bias.shape[0] > 1  # per-(batch) bias: tile it along with q, k, v
     qf, kf, vf = q.reshape(B * H, L, dqk), k.reshape(B * H, L, dqk), v.reshape(B * H, L, dv)
+    rows = max(1, tile // (min(block, L) * L))  # (batch, head) rows per tile
+    if torch.is_grad_enabled() and q.requires_grad:
+        rows = B * H  # training: autograd keeps every tile's activations anyway; small tiles only add overhead
+    if per_row:
+        rows = max(H, rows - rows % H)  # whole batch rows, so each tile uses one slice of the bias
     out = []
-    for q0 in range(0, L, block):
-        q1 = min(L, q0 + block)
-        scores = torch.baddbmm(bias[:, q0:q1, :q1], qf[:, q0:q1], kf[:, :q1].transpose(1, 2))  # (BH, Tq, q1)
-        out.append(F.silu(scores) @ vf[:, :q1])  # (BH, Tq, dv)
-    o = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-    return o.view(B, H, L, dv)
+    for r0 in range(0, B * H, rows):
+        r1 = min(B * H, r0 + rows)
+        b = bias[r0 // H:(r1 + H - 1) // H].repeat_interleave(H, dim=0) if per_row else bias
+        parts = []
+        for q0 in range(0, L, block):
+            q1 = min(L, q0 + block)
+            scores = torch.baddbmm(b[:, q0:q1, :q1], qf[r0:r1, q0:q1], kf[r0:r1, :q1].transpose(1, 2))
+            parts.append(F.silu(scores) @ vf[r0:r1, :q1])  # (rows, Tq, dv)
+        out.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return (torch.cat(out, dim=0) if len(out) > 1 else out[0]).view(B, H, L, dv)
 
 
 class RelativeBias(nn.Module):
