@@ -320,3 +320,20 @@ def test_loss_on_a_batch_without_targets_is_zero_with_gradients():
         loss = Loss(LossConfig(name=name, num_negatives=3), 5)(hidden, torch.zeros(2, 3, dtype=torch.long), table)
         loss.backward()
         assert loss.item() == 0.0 and torch.all(hidden.grad == 0) and torch.all(table.grad == 0)
+
+
+def test_negative_scores_chunking_is_exact(monkeypatch):
+    import genrec.losses as losses
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(50, 4, generator=g, requires_grad=True)
+    table = torch.randn(11, 4, generator=g, requires_grad=True)
+    negatives = torch.randint(1, 11, (50, 3), generator=g)
+    want = negative_scores(q, table, negatives)
+    gw = torch.autograd.grad(want.pow(2).sum(), [q, table])
+    monkeypatch.setattr(losses, "SCORE_CHUNK", 11 * 7)  # chunks of 7 positions, the last one partial
+    got = negative_scores(q, table, negatives)
+    gg = torch.autograd.grad(got.pow(2).sum(), [q, table])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)
