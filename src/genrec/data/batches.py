@@ -67,6 +67,16 @@ def training_batch(store: SequenceStore, users: np.ndarray, train_end: np.ndarra
                  users=torch.from_numpy(users.astype(np.int64)))
 
 
+def next_event_times(ts: np.ndarray, lengths: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """(B, L) time of the event each position predicts: event i + 1 inside the history, ``last[b]`` (the
+    target's time, or the time to recommend for) at the last real position, 0 on padding."""
+    qt = np.zeros_like(ts)
+    qt[:, :-1] = ts[:, 1:]
+    qt[np.arange(len(ts)), lengths - 1] = last
+    qt[np.arange(ts.shape[1])[None, :] >= lengths[:, None]] = 0
+    return qt
+
+
 def eval_batch(store: SequenceStore, users: np.ndarray, target_rows: np.ndarray, max_len: int) -> Batch:
     """History = the last ``max_len`` events before the target; query time = the target's timestamp."""
     starts = np.maximum(store.offsets[users], target_rows - max_len)
@@ -76,11 +86,7 @@ def eval_batch(store: SequenceStore, users: np.ndarray, target_rows: np.ndarray,
     ts = qt = act = None
     if store.timestamps is not None:
         ts_np = gather_rows(store.timestamps, starts, lengths, width)
-        qt_np = np.zeros_like(ts_np)
-        # the query at position i predicts the event after it: event i+1, or the target at the end
-        qt_np[:, :-1] = ts_np[:, 1:]
-        qt_np[np.arange(len(users)), lengths - 1] = np.asarray(store.timestamps[target_rows])
-        qt_np[np.arange(width)[None, :] >= lengths[:, None]] = 0
+        qt_np = next_event_times(ts_np, lengths, np.asarray(store.timestamps[target_rows]))
         ts, qt = torch.from_numpy(ts_np), torch.from_numpy(qt_np)
     if store.actions is not None:
         act = torch.from_numpy(gather_rows(store.actions, starts, lengths, width))
@@ -116,8 +122,7 @@ class TrainLoader:
 
     def num_tokens(self) -> int:
         """Training targets in one epoch (after max_len truncation)."""
-        n = self.split.train_end[self.users] - self.store.offsets[self.users]
-        return int(np.minimum(n - 1, self.max_len).sum())
+        return int(self.lengths.sum())
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The user ids of each batch of ``epoch``, in training order.

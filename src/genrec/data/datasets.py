@@ -39,7 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genrec.data.ingest import INT_ID_RE, build_store, ids_from_strings, read_table, sha256_file, store_from_table
+from genrec.data.ingest import (INT_ID_RE, build_store, ids_from_strings, line_field_counts, read_table,
+                                 sha256_file, store_from_table)
 from genrec.data.store import DatasetError, SequenceStore
 
 __all__ = [
@@ -64,7 +65,6 @@ _SPACE = np.zeros(256, dtype=bool)
 _SPACE[[9, 10, 11, 12, 13, 32]] = True
 _SEP = "\x1f"  # "::" is rewritten to this byte so the pyarrow CSV reader can split GroupLens files
 
-_INT_RE = INT_ID_RE
 _FLOAT_RE = r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 
 
@@ -122,9 +122,6 @@ def _read_text_bytes(path: Path, fallback_encoding: str | None = None) -> bytes:
     return data
 
 
-_ids = ids_from_strings
-
-
 def _numbers_as_actions(values: np.ndarray) -> np.ndarray:
     """Ratings: integral floats become int64 (4.0 -> 4), others stay float."""
     values = np.asarray(values)
@@ -138,7 +135,7 @@ def _int_id_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     if pa.types.is_integer(col.type):
         return pc.cast(col, pa.int64())
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        if len(col) and pc.all(pc.match_substring_regex(col, _INT_RE)).as_py():
+        if len(col) and pc.all(pc.match_substring_regex(col, INT_ID_RE)).as_py():
             return pc.cast(col, pa.int64())
     return col
 
@@ -196,8 +193,8 @@ def _read_user_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     is_item = np.ones(len(tokens), dtype=bool)
     is_item[first_idx] = False
-    users = np.repeat(_ids(tokens.take(pa.array(first_idx))), counts - 1)
-    items = _ids(tokens.filter(pa.array(is_item)))
+    users = np.repeat(ids_from_strings(tokens.take(pa.array(first_idx))), counts - 1)
+    items = ids_from_strings(tokens.filter(pa.array(is_item)))
     return users, items
 
 
@@ -221,8 +218,8 @@ def bert4rec(path: str | Path, **filters) -> SequenceStore:
         raise DatasetError(
             f"{path}: line {int(lines[k])}: expected 2 fields 'user item', got {int(counts[bad[0]])}"
         )
-    users = _ids(tokens.take(pa.array(first_idx)))
-    items = _ids(tokens.take(pa.array(first_idx + 1)))
+    users = ids_from_strings(tokens.take(pa.array(first_idx)))
+    items = ids_from_strings(tokens.take(pa.array(first_idx + 1)))
     return build_store(users, items, source=_source("bert4rec", [path]), **filters)
 
 
@@ -247,19 +244,14 @@ def _diagnose(path: Path, data: bytes, delimiter: str, names: list[str], header_
 
     shown = {_SEP: "'::'", "\t": "tabs"}.get(delimiter, repr(delimiter))
     if not quoting:
-        buf = np.frombuffer(data, dtype=np.uint8)
-        newlines = np.flatnonzero(buf == 10)
-        n_lines = len(newlines) + 1
-        seps = np.bincount(np.searchsorted(newlines, np.flatnonzero(buf == ord(delimiter))), minlength=n_lines)
-        starts = np.concatenate(([0], newlines + 1))
-        ends = np.concatenate((newlines, [len(buf)]))
-        line_no = np.arange(1, n_lines + 1)
-        bad = np.flatnonzero((ends > starts) & (seps != len(names) - 1) & (line_no > header_lines))
+        fields, nonempty = line_field_counts(data, delimiter)
+        line_no = np.arange(1, len(fields) + 1)
+        bad = np.flatnonzero(nonempty & (fields != len(names)) & (line_no > header_lines))
         if len(bad):
             b = int(bad[0])
             return DatasetError(
                 f"{path}: line {b + 1}: expected {len(names)} fields separated by {shown} "
-                f"({', '.join(names)}), got {int(seps[b]) + 1}"
+                f"({', '.join(names)}), got {int(fields[b])}"
             )
     try:
         strings = pcsv.read_csv(
@@ -474,8 +466,8 @@ def recbole(path: str | Path, user_col: str = "user_id", item_col: str = "item_i
     for name, role in ((user_col, "user"), (item_col, "item")):
         if name not in table.column_names:
             raise DatasetError(f"{path}: no field {name!r} for the {role}; fields are {', '.join(table.column_names)}")
-    users = _ids(_no_nulls(table, user_col, path, data, 1))
-    items = _ids(_no_nulls(table, item_col, path, data, 1))
+    users = ids_from_strings(_no_nulls(table, user_col, path, data, 1))
+    items = ids_from_strings(_no_nulls(table, item_col, path, data, 1))
     ts = actions = None
     if time_col and time_col in table.column_names:
         col = _no_nulls(table, time_col, path, data, 1)
@@ -484,7 +476,7 @@ def recbole(path: str | Path, user_col: str = "user_id", item_col: str = "item_i
         ts = np.floor(col.to_numpy()).astype(np.int64)
     if action_col and action_col in table.column_names:
         col = _no_nulls(table, action_col, path, data, 1)
-        actions = _numbers_as_actions(col.to_numpy()) if pa.types.is_floating(col.type) else _ids(col)
+        actions = _numbers_as_actions(col.to_numpy()) if pa.types.is_floating(col.type) else ids_from_strings(col)
     item_file, user_file = path.with_suffix(".item"), path.with_suffix(".user")
     inputs = [path] + [p for p in (item_file, user_file) if p.is_file()]
     src = _source("recbole", inputs, time_col=time_col if ts is not None else None,

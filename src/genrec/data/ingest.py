@@ -80,21 +80,32 @@ def read_table(path: str | Path, fmt: str | None = None, sep: str | None = None,
     return table
 
 
+def line_field_counts(data: bytes, delimiter: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per line of ``data``: the number of ``delimiter``-separated fields, and whether it is non-empty.
+
+    Vectorised over the bytes (error paths use it to name the first malformed line); quotes are not
+    interpreted and the delimiter must be a single byte.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    n_lines = len(newlines) + 1
+    fields = np.bincount(np.searchsorted(newlines, np.flatnonzero(buf == ord(delimiter))), minlength=n_lines) + 1
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(buf)]))
+    return fields, ends > starts
+
+
 def _first_ragged_line(path: Path, delimiter: str) -> tuple[int, int, int] | None:
     """(line, fields, expected) of the first non-empty line whose field count differs from line 1.
 
-    Error path only; vectorised over the bytes. Files with quotes are skipped (a quoted field may hold
-    the delimiter), and so are multi-byte delimiters.
+    Files with quotes are skipped (a quoted field may hold the delimiter), and so are multi-byte
+    delimiters.
     """
-    data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    if len(delimiter.encode()) != 1 or (data == ord('"')).any():
+    data = path.read_bytes()
+    if len(delimiter.encode()) != 1 or b'"' in data:
         return None
-    newlines = np.flatnonzero(data == 10)
-    n_lines = len(newlines) + 1
-    fields = np.bincount(np.searchsorted(newlines, np.flatnonzero(data == ord(delimiter))), minlength=n_lines) + 1
-    starts = np.concatenate(([0], newlines + 1))
-    ends = np.concatenate((newlines, [len(data)]))
-    bad = np.flatnonzero((ends > starts) & (fields != fields[0]))
+    fields, nonempty = line_field_counts(data, delimiter)
+    bad = np.flatnonzero(nonempty & (fields != fields[0]))
     return (int(bad[0]) + 1, int(fields[bad[0]]), int(fields[0])) if len(bad) else None
 
 

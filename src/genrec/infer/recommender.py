@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from genrec.config import config_from_dict
-from genrec.data.batches import Batch
+from genrec.data.batches import Batch, next_event_times
 from genrec.data.vocab import Vocab
 from genrec.models import build_model
 from genrec.models.scoring import Scorer
@@ -83,12 +83,8 @@ class Recommender:
             for b, t in enumerate(timestamps):
                 t = np.asarray(t, dtype=np.int64)[-self.max_len:]
                 ts[b, :len(t)] = t
-            qt = np.zeros_like(ts)
-            qt[:, :-1] = ts[:, 1:]  # position i predicts event i + 1 ...
             last = ts[np.arange(len(hs)), lengths - 1] if query_time is None else np.asarray(query_time, dtype=np.int64)
-            qt[np.arange(len(hs)), lengths - 1] = last  # ... and the last position the event at query time
-            qt[np.arange(L)[None, :] >= lengths[:, None]] = 0
-            ts, qt = torch.from_numpy(ts), torch.from_numpy(qt)
+            ts, qt = torch.from_numpy(ts), torch.from_numpy(next_event_times(ts, lengths, last))
         batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
         batch = batch.to(self.item_table.device)
         with torch.no_grad():

@@ -208,10 +208,10 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
          f"{len(loader)} steps/epoch; device {device}; {torch.get_num_threads()} threads"
          + (f" x {d.world_size} processes" if d.enabled else ""))
 
-    def base_state() -> dict:
-        return {"config": cfg.to_dict(), "item_vocab": store.item_vocab.state(), "item_counts": counts,
-                "dataset": {"path": str(cfg.data.path), "counts": store.manifest.get("counts", {})},
-                "genrec_version": __version__}
+    # what every checkpoint carries besides weights; built once (the vocabulary can hold millions of ids)
+    meta = {"config": cfg.to_dict(), "item_vocab": store.item_vocab.state(), "item_counts": counts,
+            "dataset": {"path": str(cfg.data.path), "counts": store.manifest.get("counts", {})},
+            "genrec_version": __version__}
 
     def validate() -> Report:
         return evaluate_model(model, loss_fn.scorer, store, split.valid, "valid", split.description,
@@ -251,7 +251,7 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
             line += "  valid " + "  ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k.endswith("@10"))
             if value > state["best_metric"]:
                 state.update(best_metric=value, best_epoch=epoch + 1, bad_evals=0)
-                save_checkpoint({**base_state(), "model": model.state_dict(), "epoch": epoch + 1,
+                save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1,
                                  "valid": report.metrics}, best_path)
                 line += "  *"
             else:
@@ -267,7 +267,7 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
                 rng = {"torch": rng_ranks[0], "torch_ranks": rng_ranks}
                 if cuda_ranks is not None:
                     rng["cuda_ranks"] = cuda_ranks
-                save_checkpoint({**base_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_checkpoint({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "rng": rng, "state": state}, last_path)
         if d.is_main:
             log.write(record, line)  # after last.pt: a crash in between never duplicates an epoch on resume
