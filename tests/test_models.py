@@ -107,6 +107,27 @@ def test_causality(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+def test_causality_in_training_mode(name):
+    """The training paths (dropout masks, SASRec's dropout attention, HSTU's recomputing attention under
+    autograd) see no future either: with the same seed every dropout mask is the same."""
+    model = make_model(name).train()
+    batch = make_batch([6, 4, 1, 5], seed=1)
+    torch.manual_seed(0)
+    base = model(batch).detach()
+    for t in range(batch.items.shape[1]):
+        changed = clone(batch)
+        rows = batch.lengths > t
+        changed.items[rows, t] = batch.items[rows, t] % NUM_ITEMS + 1
+        changed.timestamps[rows, t] += 12345
+        changed.query_time[rows, t] += 54321
+        torch.manual_seed(0)
+        out = model(changed)
+        assert out.requires_grad
+        torch.testing.assert_close(out[:, :t].detach(), base[:, :t], atol=ATOL, rtol=0)
+        assert not torch.allclose(out[rows, t].detach(), base[rows, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_extra_padding_columns_change_nothing(name):
     model = make_model(name)
     batch = make_batch([5, 2, 3], seed=2)
@@ -404,28 +425,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
 
 
-@pytest.mark.parametrize("tile", [1 << 18, 1, 3000])  # one tile; one (batch, head) row per tile; a few
-@pytest.mark.parametrize("bias_rows", [1, 2])  # shared bias (position) or per batch row (time buckets)
+@pytest.mark.parametrize("tile", [1 << 18, 1, 3000])  # one tile; one batch row per tile; a few
+@pytest.mark.parametrize("bias_rows", [0, 1, 2])  # no bias, shared bias (position) or per batch row (time)
 @pytest.mark.parametrize("L,block", [(150, 64), (150, 7), (10, 64), (64, 64), (65, 64), (1, 64)])
 def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows):
+    """Tiled forward and the recomputing backward equal plain autograd over the full masked L x L scores."""
     from genrec.models.hstu import causal_silu_attention
 
     g = torch.Generator().manual_seed(L + block)
-    q = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
-    k = torch.randn(2, 3, L, 4, generator=g, requires_grad=True)
-    v = torch.randn(2, 3, L, 5, generator=g, requires_grad=True)
-    bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True)
-    # large scores must not leak through the mask
-    with torch.no_grad():
-        q[:, :, :, 0] *= 1e3
-    got = causal_silu_attention(q, k, v, bias, block=block, tile=tile)
+    B, H = 2, 3
+    # q, k, v are strided views of one (B, L, H * (4 + 4 + 5)) projection, as in the layer
+    proj = torch.randn(B, L, H * 13, generator=g)
+    with torch.no_grad():  # large scores must not leak through the mask
+        proj[..., 0] *= 1e3
+    proj.requires_grad_(True)
+    q, k, v = torch.split(proj, [H * 4, H * 4, H * 5], dim=-1)
+    q, k, v = q.view(B, L, H, 4), k.view(B, L, H, 4), v.view(B, L, H, 5)
+    bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True) if bias_rows else None
+    got = causal_silu_attention(q, k, v, bias, block=block, tile=tile)  # (B, L, H, 5)
     mask = torch.ones(L, L).tril()
-    want = (F.silu(q @ k.transpose(-1, -2) + bias[:, None]) * mask) @ v
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+    scores = qh @ kh.transpose(-1, -2) + (bias[:, None] if bias is not None else 0)
+    want = ((F.silu(scores) * mask) @ vh).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
-    with torch.no_grad():  # without autograd the (batch, head) rows are tiled too
+    with torch.no_grad():
         torch.testing.assert_close(causal_silu_attention(q, k, v, bias, block=block, tile=tile), want,
                                    atol=1e-3, rtol=1e-4)
-    ga = torch.autograd.grad(got.sum(), [q, k, v, bias])
-    gb = torch.autograd.grad(want.sum(), [q, k, v, bias])
+    inputs = [proj] + ([bias] if bias is not None else [])
+    weights = torch.randn(got.shape, generator=g)
+    ga = torch.autograd.grad((got * weights).sum(), inputs)
+    gb = torch.autograd.grad((want * weights).sum(), inputs)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-4)

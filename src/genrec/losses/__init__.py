@@ -47,21 +47,65 @@ def full_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, te
     return total / max(1, len(q))
 
 
-SCORE_CHUNK = 1 << 20  # (position, item) scores per chunk in negative_scores (4 MiB in fp32)
+SCORE_CHUNK = 1 << 20  # dense (position, item) gradient entries per chunk in _NegativeScores.backward (4 MiB)
+GATHER_CHUNK = 64  # positions per chunk when gathering negative embeddings: (64, R, D) stays in cache
+
+
+class _NegativeScores(torch.autograd.Function):
+    """(N, R) scores q[n] . items[negatives[n, r]] for a small catalogue, without an (N, R, D) tensor.
+
+    Forward gathers the negatives' rows a few positions at a time (the (n, R, D) block stays in cache;
+    2-3x faster than scoring all items with a K = D matmul, which runs far below the matmul peak for
+    D ~ 50). Backward scatters the (n, R) gradient into a dense (n, I) block per chunk and does two
+    matmuls whose inner dimension is large (I or n), the shapes BLAS runs fastest; a scatter-add into
+    the item table (index_add) is 2x slower on CPU, and so is computing the cross-entropy gradient
+    inside the forward chunks (more small ops per chunk). On ML-1M shapes (15.6k positions, 128
+    negatives, 3,707 items; forward + backward of the whole loss, best of 5) about 240 ms, against
+    290-390 ms when scoring every item with chunked matmuls and 480+ ms with plain autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, items, negatives)
+        return _gathered_scores(q, items, negatives)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, items, negatives = ctx.saved_tensors
+        need_q, need_items = ctx.needs_input_grad[:2]
+        dq = torch.empty_like(q) if need_q else None
+        ditems = torch.zeros_like(items) if need_items else None
+        rows = max(1, SCORE_CHUNK // items.shape[0])
+        for s in range(0, len(q), rows):
+            e = min(len(q), s + rows)
+            g = q.new_zeros(e - s, items.shape[0]).scatter_add_(1, negatives[s:e], grad[s:e].to(q.dtype))
+            if need_q:
+                torch.mm(g, items, out=dq[s:e])
+            if need_items:
+                ditems.addmm_(g.T, q[s:e])
+        return dq, ditems, None
+
+
+def _gathered_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    out = q.new_empty(negatives.shape)
+    for s in range(0, len(q), GATHER_CHUNK):  # multiply-and-sum beats a batched matrix-vector bmm here
+        e = s + GATHER_CHUNK
+        torch.sum(F.embedding(negatives[s:e], items) * q[s:e, None, :], dim=-1, out=out[s:e])
+    return out
 
 
 def negative_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """(N, R) scores q[n] . items[negatives[n, r]].
 
-    Small catalogues (I <= 64 R): score every item with a matmul and pick the sampled columns; the
-    backward is then a matmul too. It runs in chunks of positions whose (n, I) score block stays in
-    cache (2x faster than one (N, I) block on ML-1M). Large catalogues: gather the (N, R, D) negative
-    embeddings.
+    Small catalogues (I <= 64 R): ``_NegativeScores`` (chunked gather forward, dense chunked backward).
+    Large catalogues: gather the rows chunk by chunk without autograd; with autograd gather the
+    (N, R, D) negative embeddings and let autograd scatter the gradient (a dense (n, I) backward block
+    would cost more than the gather).
     """
-    if items.shape[0] <= 64 * negatives.shape[1]:
-        rows = max(1, SCORE_CHUNK // items.shape[0])
-        parts = [torch.gather(q[s:s + rows] @ items.T, 1, negatives[s:s + rows]) for s in range(0, len(q), rows)]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or items.requires_grad)):
+        return _gathered_scores(q, items, negatives)
+    if items.shape[0] <= 64 * negatives.shape[1] and q.dtype == items.dtype:
+        return _NegativeScores.apply(q, items, negatives)
     return torch.einsum("nd,nrd->nr", q, F.embedding(negatives, items))
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
+from genrec.models.layers import Dropout
 
 
 @dataclass
@@ -122,48 +123,103 @@ def gather_scalars(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherScalars.apply(table, index)
 
 
-ATTENTION_BLOCK = 128  # query rows per block in causal_silu_attention
+ATTENTION_BLOCK = 64  # query rows per block in causal_silu_attention (smaller: less of the diagonal blocks' upper half)
 ATTENTION_TILE = 1 << 18  # score elements per tile (1 MiB in fp32): small enough to stay in cache
 MASKED = -1e9  # added to future keys' scores: SiLU of it is exactly 0 (fp32 / bf16; fp16 is not supported)
 
 
+def _tiles(BH: int, L: int, H: int, per_row: bool, block: int, tile: int):
+    """(r0, r1, q0, q1): (batch*head) rows [r0, r1) x query rows [q0, q1) of about ``tile`` scores each."""
+    rows = max(1, tile // (min(block, L) * L))
+    if per_row:
+        rows = max(H, rows - rows % H)  # whole batch rows, so each tile uses one slice of the bias
+    for r0 in range(0, BH, rows):
+        for q0 in range(0, L, block):
+            yield r0, min(BH, r0 + rows), q0, min(L, q0 + block)
+
+
+def _bias_tile(bias: torch.Tensor, r0: int, r1: int, q0: int, q1: int, H: int) -> torch.Tensor:
+    if bias.shape[0] == 1:
+        return bias[:, q0:q1, :q1]
+    return bias[r0 // H:r1 // H, q0:q1, :q1].repeat_interleave(H, dim=0)  # per batch row: one copy per head
+
+
+def _attention_forward(qf, kf, vf, bias, H: int, block: int, tile: int) -> torch.Tensor:
+    BH, L, _ = qf.shape
+    out = qf.new_empty(BH, L, vf.shape[-1])
+    for r0, r1, q0, q1 in _tiles(BH, L, H, bias.shape[0] > 1, block, tile):
+        scores = torch.baddbmm(_bias_tile(bias, r0, r1, q0, q1, H), qf[r0:r1, q0:q1], kf[r0:r1, :q1].transpose(1, 2))
+        out[r0:r1, q0:q1] = torch.bmm(F.silu(scores), vf[r0:r1, :q1])  # (bmm into a strided view would loop)
+    return out
+
+
+class _CausalSiluAttention(torch.autograd.Function):
+    """Tiled pointwise attention that recomputes its scores in backward instead of saving them.
+
+    Autograd would keep two (B, H, L, L) tensors per layer (the scores for SiLU's backward and the
+    weights for the value matmul) and stream them through RAM twice more in backward. Here nothing of
+    size L x L is saved: backward recomputes each tile's scores from q, k and the bias while the tile is
+    in cache (the FlashAttention recipe, with SiLU in place of the softmax, so no row statistics are
+    needed). qf, kf (B*H, L, dqk), vf (B*H, L, dv) contiguous (bmm on strided per-head views is 25 %
+    slower than one transposing copy); bias (B or 1, L, L) has the causal mask folded in.
+    Output (B*H, L, dv).
+    """
+
+    @staticmethod
+    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int):
+        ctx.save_for_backward(qf, kf, vf, bias)
+        ctx.config = (H, block, tile)
+        return _attention_forward(qf, kf, vf, bias, H, block, tile)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qf, kf, vf, bias = ctx.saved_tensors
+        H, block, tile = ctx.config
+        BH, L, _ = qf.shape
+        grad = grad.contiguous()
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
+        for r0, r1, q0, q1 in _tiles(BH, L, H, bias.shape[0] > 1, block, tile):
+            qt, kt, vt = qf[r0:r1, q0:q1], kf[r0:r1, :q1], vf[r0:r1, :q1]
+            scores = torch.baddbmm(_bias_tile(bias, r0, r1, q0, q1, H), qt, kt.transpose(1, 2))  # (n, Tq, q1)
+            g = grad[r0:r1, q0:q1]  # (n, Tq, dv)
+            dv[r0:r1, :q1] += torch.bmm(F.silu(scores).transpose(1, 2), g)  # (baddbmm_ into a strided view loops)
+            dscores = torch.ops.aten.silu_backward(torch.bmm(g, vt.transpose(1, 2)), scores)
+            dq[r0:r1, q0:q1] = torch.bmm(dscores, kt)
+            dk[r0:r1, :q1] += torch.bmm(dscores.transpose(1, 2), qt)
+            if dbias is not None:
+                if bias.shape[0] > 1:  # per batch row: sum its heads
+                    dbias[r0 // H:r1 // H, q0:q1, :q1] += dscores.view(-1, H, q1 - q0, q1).sum(1)
+                else:
+                    dbias[0, q0:q1, :q1] += dscores.sum(0)
+        return dq, dk, dv, dbias, None, None, None
+
+
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                           block: int = ATTENTION_BLOCK, tile: int = ATTENTION_TILE) -> torch.Tensor:
-    """O[b,h,i] = sum_{j<=i} SiLU(q[b,h,i].k[b,h,j] + bias[b,i,j]) v[b,h,j], tile by tile.
+    """O[b,i,h] = sum_{j<=i} SiLU(q[b,i,h].k[b,j,h] + bias[b,i,j]) v[b,j,h], tile by tile.
 
     The pointwise attention is memory-bound on CPU: every pass over a full (B, H, L, L) score tensor
-    streams it through RAM. Without autograd (evaluation, inference) the work is cut into tiles of about
-    ``tile`` scores, a few (batch, head) rows times one block of ``block`` query rows, whose
-    matmul -> SiLU -> matmul chain stays in cache (1.7x faster full-ranking evaluation of HSTU-large on
-    ML-1M); in training autograd saves the activations anyway and tiles would only add overhead.
-    Query block [q0, q1) only scores keys [0, q1): the upper triangle right of the diagonal blocks is
-    never computed. The bias and the causal mask (``MASKED`` on future keys) are folded into the score
-    matmul (baddbmm). q, k: (B, H, L, dqk); v: (B, H, L, dv); bias: (B or 1, L, L) or None.
-    Returns (B, H, L, dv).
+    streams it through RAM. The work is cut into tiles of about ``tile`` scores, a few (batch, head)
+    rows times one block of ``block`` query rows, whose matmul -> SiLU -> matmul chain stays in cache;
+    under autograd, backward recomputes the tiles (``_CausalSiluAttention``) rather than saving any
+    L x L tensor. Query block [q0, q1) only scores keys [0, q1): the upper triangle right of the
+    diagonal blocks is never computed. The bias and the causal mask (``MASKED`` on future keys) are
+    folded into the score matmul (baddbmm).
+    q, k: (B, L, H, dqk); v: (B, L, H, dv) (views of one projection are fine); bias: (B or 1, L, L) or
+    None. Returns (B, L, H, dv).
     """
-    B, H, L, dqk = q.shape
+    B, L, H, dqk = q.shape
     dv = v.shape[-1]
     causal = torch.zeros(L, L, dtype=q.dtype, device=q.device).masked_fill_(
         torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), MASKED)  # (L, L)
     bias = causal[None] if bias is None else bias.to(q.dtype) + causal  # (B or 1, L, L)
-    per_row = bias.shape[0] > 1  # per-(batch) bias: tile it along with q, k, v
-    qf, kf, vf = q.reshape(B * H, L, dqk), k.reshape(B * H, L, dqk), v.reshape(B * H, L, dv)
-    rows = max(1, tile // (min(block, L) * L))  # (batch, head) rows per tile
-    if torch.is_grad_enabled() and q.requires_grad:
-        rows = B * H  # training: autograd keeps every tile's activations anyway; small tiles only add overhead
-    if per_row:
-        rows = max(H, rows - rows % H)  # whole batch rows, so each tile uses one slice of the bias
-    out = []
-    for r0 in range(0, B * H, rows):
-        r1 = min(B * H, r0 + rows)
-        b = bias[r0 // H:(r1 + H - 1) // H].repeat_interleave(H, dim=0) if per_row else bias
-        parts = []
-        for q0 in range(0, L, block):
-            q1 = min(L, q0 + block)
-            scores = torch.baddbmm(b[:, q0:q1, :q1], qf[r0:r1, q0:q1], kf[r0:r1, :q1].transpose(1, 2))
-            parts.append(F.silu(scores) @ vf[r0:r1, :q1])  # (rows, Tq, dv)
-        out.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return (torch.cat(out, dim=0) if len(out) > 1 else out[0]).view(B, H, L, dv)
+    qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qf, kf, vf, bias)):
+        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile)
+    else:
+        out = _attention_forward(qf, kf, vf, bias, H, block, tile)
+    return out.view(B, H, L, dv).transpose(1, 2)  # (B, L, H, dv)
 
 
 class RelativeBias(nn.Module):
@@ -194,7 +250,7 @@ class HSTULayer(nn.Module):
                                  cfg.time_log_base) if cfg.relative_bias != "none" else None)
         self.in_norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
         self.attn_norm = nn.LayerNorm(H * dv, eps=cfg.ln_eps, elementwise_affine=cfg.ln_affine)
-        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.dropout = Dropout(cfg.linear_dropout)
         self.out = nn.Linear(H * dv * (3 if cfg.output == "concat" else 1), cfg.dim)
         nn.init.xavier_uniform_(self.out.weight)
 
@@ -208,16 +264,14 @@ class HSTULayer(nn.Module):
         u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         if cfg.silu == "u":
             u = F.silu(u)
-        q = q.view(B, L, H, dqk).transpose(1, 2)  # (B, H, L, dqk)
-        k = k.view(B, L, H, dqk).transpose(1, 2)  # (B, H, L, dqk)
-        v = v.view(B, L, H, dv).transpose(1, 2)  # (B, H, L, dv)
+        q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)  # strided views of uvqk
 
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
         bias = self.rab(L, buckets) if self.rab is not None else None  # (B or 1, L, L)
-        # Dividing the (B, H, L, dv) output instead of the (B, H, L, L) weights: same result, less work.
-        o = causal_silu_attention(q, k, v, bias) / self.normaliser(L, lengths, x.device)  # (B, H, L, dv)
-        o = o.transpose(1, 2).reshape(B, L, H * dv)  # (B, L, H*dv)
+        # Dividing the (B, L, H, dv) output instead of the (B, H, L, L) weights: same result, less work.
+        o = causal_silu_attention(q, k, v, bias) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
+        o = o.reshape(B, L, H * dv)
 
         if cfg.output == "concat":
             o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (B, L, 3*H*dv)
@@ -231,7 +285,7 @@ class HSTULayer(nn.Module):
         if self.cfg.attn_norm == "batch_max":
             return lengths.max().clamp(min=1).to(torch.float32)
         # visible: query i sees keys 0..i -> i + 1 keys
-        return torch.arange(1, L + 1, device=device, dtype=torch.float32)[None, None, :, None]  # (1, 1, L, 1)
+        return torch.arange(1, L + 1, device=device, dtype=torch.float32)[None, :, None, None]  # (1, L, 1, 1)
 
 
 class HSTU(nn.Module):
@@ -240,7 +294,7 @@ class HSTU(nn.Module):
         self.cfg = cfg
         self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
         self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
         self.grad_checkpointing = False  # set by the trainer (train.grad_checkpointing)
         # initialisation as in the reference: item embeddings truncated normal (std 0.02); the position

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
+from genrec.models.layers import Dropout, dropout
 
 
 @dataclass
@@ -48,6 +49,22 @@ class SASRecConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
+def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal softmax attention with dropout on the weights, for CPU training.
+
+    Same function as ``scaled_dot_product_attention(..., is_causal=True, dropout_p=p)``, whose CPU kernel
+    falls back to an unfused path with a slow per-element Bernoulli mask when dropout is on: here the
+    scale and the causal mask are folded into one baddbmm and the mask comes from ``layers.dropout``.
+    q, k, v: (B, H, L, d) -> (B, H, L, d).
+    """
+    B, H, L, d = q.shape
+    causal = torch.full((L, L), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)[None]  # (1, L, L)
+    scores = torch.baddbmm(causal, q.reshape(B * H, L, d), k.reshape(B * H, L, d).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(d))  # (B*H, L, L)
+    weights = dropout(torch.softmax(scores, dim=-1), p)
+    return torch.bmm(weights, v.reshape(B * H, L, d)).view(B, H, L, d)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
@@ -60,8 +77,11 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
         # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d)
+        if self.training and self.dropout > 0 and x.device.type == "cpu":
+            y = dropout_attention(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -70,7 +90,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
@@ -82,7 +102,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg.dim, cfg.num_heads, cfg.dropout)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.ffn_activation, cfg.dropout)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x)))
@@ -95,7 +115,7 @@ class SASRec(nn.Module):
         self.cfg = cfg
         self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
         self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_ln = nn.LayerNorm(cfg.dim)
         self.grad_checkpointing = False  # set by the trainer (train.grad_checkpointing)
