@@ -115,3 +115,18 @@ def dense_sampled_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.T
 
 def dense_forward(model, batch: Batch) -> torch.Tensor:
     return dense_hstu(model, batch) if isinstance(model, HSTU) else dense_sasrec(model, batch)
+
+
+def dense_train_step(model, loss_cfg, scorer, optimizer: torch.optim.Optimizer, batch: Batch, num_items: int) -> int:
+    """One optimisation step of the reference path (dense forward, (N, R, D) sampled softmax); returns
+    the number of predicted positions."""
+    hidden = dense_forward(model, batch)[:, :batch.targets.shape[1]]
+    valid = batch.targets > 0
+    q = scorer.queries(hidden[valid])
+    items = scorer.items(model.item_vectors())
+    negatives = torch.randint(1, num_items + 1, (len(q), loss_cfg.num_negatives))
+    loss = dense_sampled_softmax(q, batch.targets[valid], items, negatives, loss_cfg.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return int(valid.sum())

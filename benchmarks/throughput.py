@@ -67,7 +67,7 @@ def useful_flops(cfg, lengths: np.ndarray, num_items: int) -> float:
 def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: int) -> dict:
     """Runs in a child process: time `steps` training steps of one (model, path)."""
     sys.path.insert(0, str(HERE))
-    from dense_reference import dense_forward, dense_sampled_softmax
+    from dense_reference import dense_train_step
 
     from genrec.config import load_config
     from genrec.data.batches import TrainLoader
@@ -93,20 +93,10 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
 
     batches = [training_batch(store, users, split.train_end, cfg.data.max_len) for users in picks]
 
-    def dense_step(batch):
-        hidden = dense_forward(model, batch)[:, :batch.targets.shape[1]]
-        valid = batch.targets > 0
-        q = loss_fn.scorer.queries(hidden[valid])
-        items = loss_fn.scorer.items(model.item_vectors())
-        negatives = torch.randint(1, store.num_items + 1, (len(q), cfg.loss.num_negatives))
-        loss = dense_sampled_softmax(q, batch.targets[valid], items, negatives, cfg.loss.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return int(valid.sum())
-
     def step(batch):
-        return train_step(model, loss_fn, opt, batch)[1] if path == "genrec" else dense_step(batch)
+        if path == "genrec":
+            return train_step(model, loss_fn, opt, batch)[1]
+        return dense_train_step(model, cfg.loss, loss_fn.scorer, opt, batch, store.num_items)
 
     model.train()
     step(batches[0])  # warm-up
@@ -185,19 +175,10 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
     if args.write:
-        write_results("\n".join(lines))
+        sys.path.insert(0, str(HERE))
+        from results_file import write_section
 
-
-def write_results(table: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n## Training throughput (`python benchmarks/throughput.py --write`)\n\n{table}\n{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+        write_section("throughput", "Training throughput (`python benchmarks/throughput.py --write`)", "\n".join(lines))
 
 
 if __name__ == "__main__":
