@@ -71,7 +71,7 @@ def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, t
         report = evaluate_model(model, loss_fn.scorer, store, split.valid, "valid", split.description,
                                 cfg.data.max_len, cfg.eval.ks, cfg.eval.batch_size, cfg.eval.item_chunk,
                                 cfg.eval.exclude_history)
-        history.append({"epoch": epoch + 1, "HR@10": report.metrics["HR@10"], "NDCG@10": report.metrics["NDCG@10"]})
+        history.append({"epoch": epoch + 1, "HR@10": report.metrics["hr@10"], "NDCG@10": report.metrics["ndcg@10"]})
         print(json.dumps({"progress": history[-1], "path": path, "seed": seed}), file=sys.stderr, flush=True)
     return {"model": model_name, "path": path, "seed": seed, "epochs": epochs, "history": history,
             "train_seconds": train_seconds}

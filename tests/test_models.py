@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from genrec.data.batches import Batch
 from genrec.models import HSTU, SASRec, build_model
+from genrec.models.gru4rec import GRU4RecConfig
 from genrec.models.hstu import HSTUConfig, gather_scalars
+from genrec.models.mamba4rec import Mamba4RecConfig
 from genrec.models.sasrec import SASRecConfig
 
 NUM_ITEMS = 30
@@ -32,6 +34,10 @@ CONFIGS = {
     "hstu-ln-affine": replace(_HSTU_SMALL, ln_affine=True),
     "hstu-production": HSTUConfig.production(dim=8, num_blocks=2, num_heads=2, qk_dim=4, v_dim=4, dropout=0.1,
                                              linear_dropout=0.1, max_len=16),
+    # chunk_size 4 < the test lengths: the chunked scan carries state across chunks
+    "mamba4rec": Mamba4RecConfig(dim=8, num_blocks=2, d_state=4, expand=2, head_dim=4, chunk_size=4, ffn_dim=16,
+                                 dropout=0.1, max_len=16),
+    "gru4rec": GRU4RecConfig(dim=8, hidden_size=12, num_layers=2, dropout=0.1, max_len=16),
 }
 # the batch-max normaliser makes a row depend on the other rows' lengths (by design)
 ROW_INDEPENDENT = [k for k, c in CONFIGS.items() if getattr(c, "attn_norm", None) != "batch_max"]

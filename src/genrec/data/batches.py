@@ -26,10 +26,11 @@ class Batch:
     targets: torch.Tensor | None = None  # (B, L) training: next item at each position, 0 = none
     target: torch.Tensor | None = None  # (B,) evaluation: the single held-out item
     users: torch.Tensor | None = None  # (B,) dense user ids
+    cloze: bool = False  # items carry [mask] tokens and targets sit at the masked positions (BERT4Rec)
 
     def to(self, device: torch.device | str) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                                for f in fields(self) if getattr(self, f.name) is not None})
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
     def padding_mask(self) -> torch.Tensor:

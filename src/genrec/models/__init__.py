@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from torch import nn
 
+from genrec.models.bert4rec import BERT4Rec, BERT4RecConfig
+from genrec.models.gru4rec import GRU4Rec, GRU4RecConfig
 from genrec.models.hstu import HSTU, HSTUConfig
+from genrec.models.mamba4rec import Mamba4Rec, Mamba4RecConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type, type]] = {
     "sasrec": (SASRecConfig, SASRec),
     "hstu": (HSTUConfig, HSTU),
+    "bert4rec": (BERT4RecConfig, BERT4Rec),
+    "mamba4rec": (Mamba4RecConfig, Mamba4Rec),
+    "gru4rec": (GRU4RecConfig, GRU4Rec),
 }
 
 
@@ -24,4 +30,5 @@ def build_model(cfg, num_items: int) -> nn.Module:
     raise TypeError(f"no model for config {type(cfg).__name__}")
 
 
-__all__ = ["MODELS", "build_model", "HSTU", "HSTUConfig", "SASRec", "SASRecConfig"]
+__all__ = ["MODELS", "build_model", "BERT4Rec", "BERT4RecConfig", "GRU4Rec", "GRU4RecConfig", "HSTU", "HSTUConfig",
+           "Mamba4Rec", "Mamba4RecConfig", "SASRec", "SASRecConfig"]

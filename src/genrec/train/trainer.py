@@ -91,7 +91,11 @@ def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Opt
     Under DDP each rank's mean loss is rescaled by its share of the global positions, so that the
     averaged gradient is the gradient of the global mean, exactly as in a single process.
     ``precision = "bf16"`` runs forward and loss under bfloat16 autocast (weights and optimiser stay fp32).
+    A model with a ``training_batch(batch)`` method rewrites each batch first (BERT4Rec's cloze masking).
     """
+    prepare = getattr(getattr(model, "module", model), "training_batch", None)  # e.g. BERT4Rec's cloze masking
+    if prepare is not None:
+        batch = prepare(batch)
     device_type = batch.items.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = model(batch)  # (B, L, D)
