@@ -1,0 +1,63 @@
+"""benchmarks/reproduce.py: row selection, the results table from finished runs, and resumable commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import reproduce  # noqa: E402
+
+
+def fake_run(out: Path, hr: float, epochs: int = 5, best: int = 4, wall: float = 120.0) -> None:
+    out.mkdir(parents=True)
+    test = {m: hr / (2 if "ndcg" in m else 1) for m in reproduce.METRICS}
+    (out / "report.json").write_text(json.dumps({"test": test, "best_epoch": best,
+                                                 "popularity_test": {"hr@10": 0.01}}))
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps({"epoch": e}) for e in range(1, epochs + 1)))
+    (out / "wall.json").write_text(json.dumps({"seconds": wall, "command": "genrec train x"}))
+
+
+def test_every_row_has_a_loadable_preset():
+    from genrec.config import load_config
+
+    root = Path(reproduce.REPO)
+    for row in reproduce.ROWS:
+        assert row.dataset in reproduce.DATASETS
+        load_config(root / row.config)  # exists and validates
+
+
+def test_select_rows():
+    assert [r.key for r in reproduce.select(["lastfm/sasrec"])] == ["lastfm/sasrec"]
+    assert {r.dataset for r in reproduce.select(["beauty"])} == {"beauty"}
+    assert reproduce.select(["all"]) == reproduce.ROWS
+    with pytest.raises(SystemExit, match="unknown row"):
+        reproduce.select(["nope/model"])
+
+
+def test_table_reports_mean_std_targets_and_missing_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    rows = [reproduce.Row("lastfm", "sasrec", (0.0688, 0.0390), "S3-Rec paper", ">= published", seeds=[0, 1, 2]),
+            reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published"),
+            reproduce.Row("beauty", "gru4rec")]
+    monkeypatch.setattr(reproduce, "ROWS", rows)
+    for seed, hr in zip([0, 1, 2], [0.07, 0.08, 0.09]):
+        fake_run(reproduce.run_dir(rows[0], seed), hr)
+    fake_run(reproduce.run_dir(rows[1], 0), 0.05)
+    text = reproduce.table()
+    lastfm, beauty, gru = (line for line in text.splitlines() if line.startswith("| lastfm") or line.startswith("| beauty"))
+    assert "0.0800 ± 0.0100" in lastfm and "| met |" in lastfm  # mean 0.08 >= 0.0688, ndcg 0.04 >= 0.039
+    assert "5, 5, 5 (4, 4, 4)" in lastfm and "6 min" in lastfm  # epochs (best) and summed wall time
+    assert "MISSED by 17.4 %" in beauty  # 0.05 vs 0.0605
+    assert "not run yet (0/1 seeds)" in gru
+
+
+def test_train_command_resumes_and_caps_epochs():
+    row = reproduce.Row("lastfm", "hstu")
+    cmd = reproduce.train_command(row, 2, 30, resume=True)
+    assert cmd[:4] == ["genrec", "train", "configs/lastfm/hstu.toml", "train.seed=2"]
+    assert "train.epochs=30" in cmd and cmd[-1] == "--resume"
+    assert cmd[cmd.index("--out") + 1].endswith("lastfm-hstu/seed2")
