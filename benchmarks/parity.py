@@ -7,14 +7,16 @@
 Trains one preset from the same initial weights for ``--epochs`` epochs along each path and evaluates
 validation HR@10 / NDCG@10 (full ranking, history excluded) with the same evaluator:
 
-- ``genrec``: the library's training step (``train.length_window = 16`` batching, tiled recomputing
-  attention, chunked sampled softmax, fast dropout), as ``genrec train`` runs it;
+- ``genrec``: the library's training step (packed tokens, jagged tiled attention that recomputes in
+  backward, gathered sampled softmax, fast dropout), as ``genrec train`` runs it; random batches, the
+  same ones as the dense path (``--window N`` instead uses ``train.length_window = N`` batching);
 - ``dense``: ``dense_reference.py`` (every batch padded to max_len, full masked L x L scores, an
   (N, R, D) negative gather, PyTorch's Bernoulli dropout), random batches.
 
-The two paths compute the same function (tests/test_dense_reference.py) but draw different batches and
-different dropout masks, so they differ by training noise; ``--seeds`` repeats the genrec path with
-other seeds to show how large that noise is. Each run is its own process (``--jobs`` at once).
+The two paths compute the same function (tests/test_dense_reference.py) on the same batches but draw
+different dropout masks and negatives, so they differ by training noise; ``--seeds`` repeats the genrec
+path with other seeds to show how large that noise is. Each run is its own process (``--jobs`` at
+once) and its result is kept in runs/parity/, so an interrupted comparison only reruns what is missing.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ CONFIGS = {"sasrec": "configs/ml-1m/sasrec.toml", "hstu": "configs/ml-1m/hstu.to
            "hstu-large": "configs/ml-1m/hstu-large.toml"}
 
 
-def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, threads: int) -> dict:
+def cache_file(model_name: str, path: str, seed: int, epochs: int, window: int) -> Path:
+    return REPO / "runs" / "parity" / f"{model_name}-{path}-w{window if path == 'genrec' else 0}-s{seed}-e{epochs}.json"
+
+
+def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, threads: int, window: int) -> dict:
     sys.path.insert(0, str(HERE))
     from dense_reference import dense_train_step
 
@@ -48,7 +54,7 @@ def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, t
     from genrec.train.trainer import item_counts, load_data, seed_everything, train_step
 
     torch.set_num_threads(threads)
-    window = 16 if path == "genrec" else 0
+    window = window if path == "genrec" else 0
     cfg = load_config(REPO / CONFIGS[model_name], [f'data.path="{data_dir}"', f"train.length_window={window}",
                                                    f"train.seed={seed}"])
     seed_everything(seed)
@@ -73,8 +79,12 @@ def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, t
                                 cfg.eval.exclude_history)
         history.append({"epoch": epoch + 1, "HR@10": report.metrics["hr@10"], "NDCG@10": report.metrics["ndcg@10"]})
         print(json.dumps({"progress": history[-1], "path": path, "seed": seed}), file=sys.stderr, flush=True)
-    return {"model": model_name, "path": path, "seed": seed, "epochs": epochs, "history": history,
-            "train_seconds": train_seconds}
+    result = {"model": model_name, "path": path, "seed": seed, "epochs": epochs, "window": window,
+              "history": history, "train_seconds": train_seconds}
+    out = cache_file(model_name, path, seed, epochs, window)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:
@@ -86,26 +96,36 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO / "data" / "ml-1m"), help="prepared ML-1M directory")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each uses --threads threads)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--window", type=int, default=0, help="train.length_window of the genrec path (0: random batches)")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.epochs, args.data, args.threads)))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.epochs, args.data, args.threads,
+                                 args.window)))
         return
     if not (Path(args.data) / "manifest.json").is_file():
         sys.exit(f"{args.data} is not a prepared dataset: genrec prepare ml1m-seq ../shared/data/ml-1m data/ml-1m")
     runs = [("dense", args.seeds[0])] + [("genrec", s) for s in args.seeds]
-    cmds = [[sys.executable, __file__, "--one", args.model, path, str(seed), "--epochs", str(args.epochs),
-             "--data", args.data, "--threads", str(args.threads)] for path, seed in runs]
-    results, running = [], []
-    while cmds or running:
-        while cmds and len(running) < args.jobs:
-            running.append(subprocess.Popen(cmds.pop(0), stdout=subprocess.PIPE, text=True))
-        proc = running.pop(0)
-        out, _ = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"a run failed (exit {proc.returncode})")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results, todo = [], []
+    for path, seed in runs:
+        cached = cache_file(args.model, path, seed, args.epochs, args.window)
+        if cached.is_file():
+            results.append(json.loads(cached.read_text()))
+        else:
+            todo.append([sys.executable, __file__, "--one", args.model, path, str(seed), "--epochs", str(args.epochs),
+                         "--data", args.data, "--threads", str(args.threads), "--window", str(args.window)])
+    running = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            running.append(subprocess.Popen(todo.pop(0), stdout=subprocess.DEVNULL))
+        time.sleep(5)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode:
+                sys.exit(f"a run failed (exit {proc.returncode}): {' '.join(proc.args)}")
+    results = [json.loads(cache_file(args.model, path, seed, args.epochs, args.window).read_text())
+               for path, seed in runs]
     table = format_table(results, args)
     print(table)
     if args.write:
@@ -115,12 +135,16 @@ def main() -> None:
         write_section("parity", "Quality parity of the fast path (`python benchmarks/parity.py --write`)", table)
 
 
+def minutes(result: dict) -> str:
+    return "not recorded" if result.get("train_seconds") is None else f"{result['train_seconds'] / 60:.1f} min"
+
+
 def format_table(results: list[dict], args) -> str:
     dense = next(r for r in results if r["path"] == "dense")
     fast = [r for r in results if r["path"] == "genrec"]
     same_seed = next(r for r in fast if r["seed"] == dense["seed"])
     lines = [f"`python benchmarks/parity.py --model {args.model} --epochs {args.epochs} --seeds "
-             f"{' '.join(map(str, args.seeds))}`: validation after each epoch (full ranking of the 6,040 ML-1M users, "
+             f"{' '.join(map(str, args.seeds))} --window {args.window}`: validation after each epoch (full ranking of the 6,040 ML-1M users, "
              f"history excluded), {args.threads} thread(s) per run, {args.jobs} runs at once.", "",
              "| epoch | dense HR@10 | genrec HR@10 (same seed) | relative gap | "
              + " | ".join(f"genrec seed {r['seed']}" for r in fast if r is not same_seed) + " |",
@@ -133,8 +157,8 @@ def format_table(results: list[dict], args) -> str:
     spread = f"{statistics.mean(last):.4f} ± {statistics.stdev(last):.4f}" if len(last) > 1 else f"{last[0]:.4f}"
     lines += ["", f"After {args.epochs} epochs: dense {dense['history'][-1]['HR@10']:.4f} "
                   f"(NDCG@10 {dense['history'][-1]['NDCG@10']:.4f}); genrec over seeds {spread}. "
-                  f"Training time: dense {dense['train_seconds'] / 60:.1f} min, genrec "
-                  f"{statistics.mean(r['train_seconds'] for r in fast) / 60:.1f} min (runs shared the cores)."]
+                  f"Training time: dense {minutes(dense)}, genrec {', '.join(minutes(r) for r in fast)} "
+                  "(runs shared the cores, one thread each)."]
     return "\n".join(lines)
 
 

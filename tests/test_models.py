@@ -432,14 +432,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 
 
 @pytest.mark.parametrize("tile", [1 << 18, 1, 3000])  # one tile; one batch row per tile; a few
-@pytest.mark.parametrize("bias_rows", [0, 1, 2])  # no bias, shared bias (position) or per batch row (time)
+@pytest.mark.parametrize("bias_rows", [0, 1, 3])  # no bias, shared bias (position) or per batch row (time)
 @pytest.mark.parametrize("L,block", [(150, 64), (150, 7), (10, 64), (64, 64), (65, 64), (1, 64)])
-def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows):
+@pytest.mark.parametrize("jagged", [False, True])  # with lengths: rows sorted, tiles stop at their longest row
+def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows, jagged):
     """Tiled forward and the recomputing backward equal plain autograd over the full masked L x L scores."""
     from genrec.models.hstu import causal_silu_attention
 
     g = torch.Generator().manual_seed(L + block)
-    B, H = 2, 3
+    B, H = 3, 3
+    lengths = torch.tensor([max(1, L // 3), L, max(1, L - 5)])  # unsorted, one full row
     # q, k, v are strided views of one (B, L, H * (4 + 4 + 5)) projection, as in the layer
     proj = torch.randn(B, L, H * 13, generator=g)
     with torch.no_grad():  # large scores must not leak through the mask
@@ -448,18 +450,41 @@ def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows):
     q, k, v = torch.split(proj, [H * 4, H * 4, H * 5], dim=-1)
     q, k, v = q.view(B, L, H, 4), k.view(B, L, H, 4), v.view(B, L, H, 5)
     bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True) if bias_rows else None
-    got = causal_silu_attention(q, k, v, bias, block=block, tile=tile)  # (B, L, H, 5)
+    lens = lengths if jagged else None
+    got = causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile)  # (B, L, H, 5)
     mask = torch.ones(L, L).tril()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
     scores = qh @ kh.transpose(-1, -2) + (bias[:, None] if bias is not None else 0)
     want = ((F.silu(scores) * mask) @ vh).transpose(1, 2)
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    real = (torch.arange(L)[None, :] < lengths[:, None])[:, :, None, None] if jagged else torch.ones(1, 1, 1, 1)
+    torch.testing.assert_close(got * real, want * real, atol=1e-3, rtol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(causal_silu_attention(q, k, v, bias, block=block, tile=tile), want,
-                                   atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile) * real,
+                                   want * real, atol=1e-3, rtol=1e-4)
     inputs = [proj] + ([bias] if bias is not None else [])
-    weights = torch.randn(got.shape, generator=g)
+    weights = torch.randn(got.shape, generator=g) * real  # padding outputs carry no gradient
     ga = torch.autograd.grad((got * weights).sum(), inputs)
     gb = torch.autograd.grad((want * weights).sum(), inputs)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["hstu", "hstu-production", "hstu-norm-visible", "sasrec"])
+def test_packed_tokens_equal_padded_tokens(name, monkeypatch):
+    """Per-token work on packed real tokens (random batches) equals the padded layout, with gradients."""
+    import genrec.models.layers as layers
+
+    batch = make_batch([9, 2, 5, 1], seed=11)
+    results = []
+    for threshold in (0.0, 2.0):  # never pack / always pack
+        monkeypatch.setattr(layers, "PACK_BELOW", threshold)
+        model = make_model(name)
+        out = model(batch)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.all(b[~batch.padding_mask] == 0)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-4, rtol=1e-4, msg=n)

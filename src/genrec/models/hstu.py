@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout
+from genrec.models.layers import Dropout, Tokens
 
 
 @dataclass
@@ -127,14 +127,18 @@ ATTENTION_BLOCK = 64  # query rows per block in causal_silu_attention (smaller: 
 ATTENTION_TILE = 1 << 18  # score elements per tile (1 MiB in fp32): small enough to stay in cache
 
 
-def _tiles(BH: int, L: int, H: int, per_row: bool, block: int, tile: int):
-    """(r0, r1, q0, q1): (batch*head) rows [r0, r1) x query rows [q0, q1) of about ``tile`` scores each."""
+def _tiles(BH: int, L: int, H: int, per_row: bool, block: int, tile: int, row_len: list[int] | None = None):
+    """(r0, r1, q0, q1): (batch*head) rows [r0, r1) x query rows [q0, q1) of about ``tile`` scores each.
+
+    With ``row_len`` (per (batch*head) row, longest first) a tile stops at its longest row's length:
+    the padding beyond it is never computed."""
     rows = max(1, tile // (min(block, L) * L))
     if per_row:
         rows = max(H, rows - rows % H)  # whole batch rows, so each tile uses one slice of the bias
     for r0 in range(0, BH, rows):
-        for q0 in range(0, L, block):
-            yield r0, min(BH, r0 + rows), q0, min(L, q0 + block)
+        end = L if row_len is None else row_len[r0]
+        for q0 in range(0, end, block):
+            yield r0, min(BH, r0 + rows), q0, min(end, q0 + block)
 
 
 def _scores(qf, kf, bias, r0: int, r1: int, q0: int, q1: int, H: int) -> torch.Tensor:
@@ -158,11 +162,11 @@ def _mask_future(t: torch.Tensor, q0: int, q1: int, keep: torch.Tensor) -> torch
     return t
 
 
-def _attention_forward(qf, kf, vf, bias, H: int, block: int, tile: int) -> torch.Tensor:
+def _attention_forward(qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None) -> torch.Tensor:
     BH, L, _ = qf.shape
-    out = qf.new_empty(BH, L, vf.shape[-1])
+    out = (qf.new_empty if row_len is None else qf.new_zeros)(BH, L, vf.shape[-1])
     keep = torch.ones(block, block, dtype=qf.dtype, device=qf.device).tril()
-    for r0, r1, q0, q1 in _tiles(BH, L, H, bias is not None and bias.shape[0] > 1, block, tile):
+    for r0, r1, q0, q1 in _tiles(BH, L, H, bias is not None and bias.shape[0] > 1, block, tile, row_len):
         weights = _mask_future(F.silu(_scores(qf, kf, bias, r0, r1, q0, q1, H)), q0, q1, keep)
         out[r0:r1, q0:q1] = torch.bmm(weights, vf[r0:r1, :q1])  # (bmm into a strided view would loop)
     return out
@@ -180,21 +184,21 @@ class _CausalSiluAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int):
+    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None):
         ctx.save_for_backward(qf, kf, vf, bias)
-        ctx.config = (H, block, tile)
-        return _attention_forward(qf, kf, vf, bias, H, block, tile)
+        ctx.config = (H, block, tile, row_len)
+        return _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
 
     @staticmethod
     def backward(ctx, grad):
         qf, kf, vf, bias = ctx.saved_tensors
-        H, block, tile = ctx.config
+        H, block, tile, row_len = ctx.config
         BH, L, _ = qf.shape
         grad = grad.contiguous()
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
         keep = torch.ones(block, block, dtype=qf.dtype, device=qf.device).tril()
-        for r0, r1, q0, q1 in _tiles(BH, L, H, bias is not None and bias.shape[0] > 1, block, tile):
+        for r0, r1, q0, q1 in _tiles(BH, L, H, bias is not None and bias.shape[0] > 1, block, tile, row_len):
             qt, kt, vt = qf[r0:r1, q0:q1], kf[r0:r1, :q1], vf[r0:r1, :q1]
             scores = _scores(qf, kf, bias, r0, r1, q0, q1, H)  # (n, Tq, q1)
             g = grad[r0:r1, q0:q1]  # (n, Tq, dv)
@@ -209,11 +213,12 @@ class _CausalSiluAttention(torch.autograd.Function):
                     dbias[r0 // H:r1 // H, q0:q1, :q1] += dscores.view(-1, H, q1 - q0, q1).sum(1)
                 else:
                     dbias[0, q0:q1, :q1] += dscores.sum(0)
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                          block: int = ATTENTION_BLOCK, tile: int = ATTENTION_TILE) -> torch.Tensor:
+                          lengths: torch.Tensor | None = None, block: int = ATTENTION_BLOCK,
+                          tile: int = ATTENTION_TILE) -> torch.Tensor:
     """O[b,i,h] = sum_{j<=i} SiLU(q[b,i,h].k[b,j,h] + bias[b,i,j]) v[b,j,h], tile by tile.
 
     The pointwise attention is memory-bound on CPU: every pass over a full (B, H, L, L) score tensor
@@ -223,6 +228,9 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     L x L tensor. Query block [q0, q1) only scores keys [0, q1): the upper triangle right of the
     diagonal blocks is never computed, and the future keys inside the diagonal block are zeroed after
     SiLU (exactly 0, in forward and backward). The bias is folded into the score matmul (baddbmm).
+    With ``lengths`` (B,) the rows are processed longest first and each tile stops at its longest
+    row's length, so a batch of mixed lengths costs about what its real tokens need (jagged attention
+    without changing the batch); outputs at padding positions are then unspecified (finite).
     q, k: (B, L, H, dqk); v: (B, L, H, dv) (views of one projection are fine); bias: (B or 1, L, L) or
     None. Returns (B, L, H, dv).
     """
@@ -230,12 +238,22 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     dv = v.shape[-1]
     if bias is not None:
         bias = bias.to(q.dtype)
+    row_len = order = None
+    if lengths is not None and B > 1:
+        sorted_len, order = torch.sort(lengths.clamp(min=1, max=L), descending=True, stable=True)
+        row_len = sorted_len.repeat_interleave(H).tolist()
+        q, k, v = q[order], k[order], v[order]
+        if bias is not None and bias.shape[0] > 1:
+            bias = bias[order]
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qf, kf, vf, bias)):
-        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile)
+        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile, row_len)
     else:
-        out = _attention_forward(qf, kf, vf, bias, H, block, tile)
-    return out.view(B, H, L, dv).transpose(1, 2)  # (B, L, H, dv)
+        out = _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
+    out = out.view(B, H, L, dv)
+    if order is not None:
+        out = out[torch.argsort(order)]
+    return out.transpose(1, 2)  # (B, L, H, dv)
 
 
 class RelativeBias(nn.Module):
@@ -270,29 +288,31 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(H * dv * (3 if cfg.output == "concat" else 1), cfg.dim)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
+                buckets: torch.Tensor | None) -> torch.Tensor:
+        """x (N, D): the batch's tokens (``tokens.pack`` layout) -> (N, D)."""
         cfg = self.cfg
-        B, L, _ = x.shape
+        B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
-        uvqk = self.in_norm(x) @ self.uvqk  # (B, L, 2*H*dv + 2*H*dqk)
+        uvqk = self.in_norm(x) @ self.uvqk  # (N, 2*H*dv + 2*H*dqk)
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk)
-        u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        if cfg.silu == "u":
-            u = F.silu(u)
-        q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)  # strided views of uvqk
+        u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
+        # attention needs the (B, L) layout: V, Q and K go back to padded rows in one copy
+        v, q, k = torch.split(tokens.unpack(uvqk[:, H * dv:]), [H * dv, H * dqk, H * dqk], dim=-1)
+        q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)  # strided views
 
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
         bias = self.rab(L, buckets) if self.rab is not None else None  # (B or 1, L, L)
         # Dividing the (B, L, H, dv) output instead of the (B, H, L, L) weights: same result, less work.
-        o = causal_silu_attention(q, k, v, bias) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
-        o = o.reshape(B, L, H * dv)
+        o = causal_silu_attention(q, k, v, bias, lengths) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
+        o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
 
         if cfg.output == "concat":
-            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (B, L, 3*H*dv)
+            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (N, 3*H*dv)
         else:
-            o = u * self.attn_norm(o)  # (B, L, H*dv)
+            o = u * self.attn_norm(o)  # (N, H*dv)
         return self.out(self.dropout(o)) + x
 
     def normaliser(self, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor | float:
@@ -326,22 +346,22 @@ class HSTU(nn.Module):
         B, L = batch.items.shape
         if L > self.cfg.max_len:
             raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
-        mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
+        tokens = Tokens(batch.padding_mask)
         x = self.item_embedding(batch.items) * math.sqrt(self.cfg.dim)  # (B, L, D)
-        x = x + self.position_embedding(torch.arange(L, device=x.device))[None]
-        x = self.dropout(x) * mask
+        x = tokens.pack(x + self.position_embedding(torch.arange(L, device=x.device))[None])  # (N, D)
+        x = tokens.mask(self.dropout(x))
         buckets = None
         if self.cfg.relative_bias == "position_time" and batch.timestamps is not None:
             query_time = batch.query_time if batch.query_time is not None else batch.timestamps
             buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:  # recompute the layer in backward: O(L) memory per layer
-                x = checkpoint(layer, x, batch.lengths, buckets, use_reentrant=False) * mask
+                x = tokens.mask(checkpoint(layer, x, tokens, batch.lengths, buckets, use_reentrant=False))
             else:
-                x = layer(x, batch.lengths, buckets) * mask
+                x = tokens.mask(layer(x, tokens, batch.lengths, buckets))
         if self.cfg.output_l2_norm:
             x = F.normalize(x, dim=-1, eps=1e-6)
-        return x  # (B, L, D)
+        return tokens.unpack(x)  # (B, L, D), zero at padding
 
     def item_vectors(self) -> torch.Tensor:
         """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""

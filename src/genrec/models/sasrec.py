@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, dropout
+from genrec.models.layers import Dropout, Tokens, dropout, length_groups
 
 
 @dataclass
@@ -73,16 +73,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
-        # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
-        if self.training and self.dropout > 0 and x.device.type == "cpu":
-            y = dropout_attention(q, k, v, self.dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        """x (N, D) tokens -> (N, D). Rows go through attention in groups of similar length (longest
+        first), each cut to its longest row: the padding of a random batch costs no attention work."""
+        B, L, D, H = tokens.B, tokens.L, x.shape[-1], self.num_heads
+        qkv = tokens.unpack(self.qkv(x))  # (B, L, 3D)
+        parts, rows = [], []
+        for group, m in length_groups(lengths.clamp(min=1, max=L)) if tokens.packed else [(None, L)]:
+            g = qkv if group is None else qkv[group, :m]
+            q, k, v = g.reshape(g.shape[0], m, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (b, H, m, d)
+            # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
+            if self.training and self.dropout > 0 and x.device.type == "cpu":
+                y = dropout_attention(q, k, v, self.dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                   dropout_p=self.dropout if self.training else 0.0)  # (b, H, m, d)
+            parts.append(F.pad(y.transpose(1, 2).reshape(-1, m, D), (0, 0, 0, L - m)))
+            rows.append(group)
+        y = parts[0] if rows[0] is None else torch.cat(parts)[torch.argsort(torch.cat(rows))]  # (B, L, D)
+        return self.proj(tokens.pack(y))
 
 
 class FeedForward(nn.Module):
@@ -104,8 +113,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.ffn_activation, cfg.dropout)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), tokens, lengths))
         return x + self.dropout(self.ffn(self.ln2(x)))
 
 
@@ -135,18 +144,18 @@ class SASRec(nn.Module):
         B, L = items.shape
         if L > self.cfg.max_len:
             raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
-        mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
+        tokens = Tokens(batch.padding_mask)
         x = self.item_embedding(items)  # (B, L, D)
         if self.cfg.scale_embeddings:
             x = x * math.sqrt(self.cfg.dim)
-        x = x + self.position_embedding(torch.arange(L, device=items.device))[None]
-        x = self.dropout(x) * mask
+        x = tokens.pack(x + self.position_embedding(torch.arange(L, device=items.device))[None])  # (N, D)
+        x = tokens.mask(self.dropout(x))
         for block in self.blocks:
             if self.grad_checkpointing and self.training:  # recompute the block in backward
-                x = checkpoint(block, x, use_reentrant=False) * mask
+                x = tokens.mask(checkpoint(block, x, tokens, batch.lengths, use_reentrant=False))
             else:
-                x = block(x) * mask
-        return self.final_ln(x) * mask  # (B, L, D)
+                x = tokens.mask(block(x, tokens, batch.lengths))
+        return tokens.unpack(tokens.mask(self.final_ln(x)))  # (B, L, D), zero at padding
 
     def item_vectors(self) -> torch.Tensor:
         """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""
