@@ -4,10 +4,12 @@
     python benchmarks/throughput.py --models hstu-large --steps 6 --write
 
 One run measures this machine's matrix-multiply rate (fp32 and bf16), then for each model trains a few
-steps on ML-1M (the real length distribution: median 96, mean 166, capped at L = 200; B = 128) with
-(a) genrec's training path (``train.length_window`` batching, trimmed batches, the fused tricks in the
-model files) and (b) ``dense_reference.py`` (every batch padded to 200, masks on full L x L scores,
-plain indexing, (N, R, D) negatives). Each (model, path) runs in its own process so peak RSS is its
+steps on ML-1M (the real length distribution: median 96, mean 166, capped at L = 200; B = 128) on the
+same random batches with (a) genrec's training path (batches trimmed to their longest row, packed
+tokens, jagged attention, the other tricks in the model and loss files) and (b) ``dense_reference.py``
+(every batch padded to 200, masks on full L x L scores, plain indexing, (N, R, D) negatives).
+``--window N`` gives the genrec path ``train.length_window = N`` batching instead (faster still, but
+it changes the batches, and it slowed learning on ML-1M: see the parity section of RESULTS.md). Each (model, path) runs in its own process so peak RSS is its
 own. Reported: seconds per step, real training tokens per second (padding excluded), useful FLOP/s
 (matmul work an ideal jagged implementation must do, forward + backward = 3 x forward) as a share of
 the measured fp32 matmul rate, peak RSS, and the full-ranking evaluation rate of the 6,040 ML-1M users
@@ -64,7 +66,7 @@ def useful_flops(cfg, lengths: np.ndarray, num_items: int) -> float:
     return 3 * (m.num_blocks * per_layer + loss)
 
 
-def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: int) -> dict:
+def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: int, window: int) -> dict:
     """Runs in a child process: time `steps` training steps of one (model, path)."""
     sys.path.insert(0, str(HERE))
     from dense_reference import dense_train_step
@@ -77,7 +79,7 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
     from genrec.train.trainer import item_counts, load_data, seed_everything, train_step
 
     torch.set_num_threads(threads)
-    overrides = [f'data.path="{data_dir}"'] + (["train.length_window=16"] if path == "genrec" else [])
+    overrides = [f'data.path="{data_dir}"', f"train.length_window={window if path == 'genrec' else 0}"]
     cfg = load_config(REPO / CONFIGS[model_name], overrides)
     seed_everything(0)
     store, split = load_data(cfg)
@@ -140,21 +142,23 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["genrec", "dense"], choices=["genrec", "dense"])
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per (model, path)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--window", type=int, default=0, help="train.length_window of the genrec path (0: random batches)")
     ap.add_argument("--data", default=None, help="prepared ML-1M directory (default: data/ml-1m or built)")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:
-        print(json.dumps(measure_one(args.one[0], args.one[1], args.data, args.steps, args.threads)))
+        print(json.dumps(measure_one(args.one[0], args.one[1], args.data, args.steps, args.threads, args.window)))
         return
     torch.set_num_threads(args.threads)
     data = ensure_ml1m(args.data)
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     lines = [f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
              f"matmul fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s (1024^3, best of 10).",
-             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per row; the genrec path "
-             f"uses length-aware batching (train.length_window=16), the dense path pads every batch to 200.", "",
+             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per row, both paths on the same "
+             + ("random batches" if not args.window else f"batches (genrec: train.length_window={args.window})")
+             + "; the dense path pads every batch to 200.", "",
              "| model | path | s/step | real tokens/s | speed-up | useful GFLOP/s | % of fp32 matmul | peak RSS GiB "
              "| full-ranking eval (users/s) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -163,7 +167,7 @@ def main() -> None:
         results = {}
         for path in args.paths:
             cmd = [sys.executable, __file__, "--one", model, path, "--data", data, "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--window", str(args.window)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             r = results[path] = json.loads(out)
             base = results.get("dense")

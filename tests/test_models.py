@@ -488,3 +488,15 @@ def test_packed_tokens_equal_padded_tokens(name, monkeypatch):
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("lengths", [[6, 4, 1, 5], [5, 5]])  # packed tokens / full rows
+def test_next_item_queries_equal_forward_at_the_last_event(name, lengths):
+    from genrec.models import next_item_queries
+
+    model = make_model(name)
+    batch = make_batch(lengths, seed=12)
+    with torch.no_grad():
+        want = model(batch)[torch.arange(len(lengths)), batch.lengths - 1]
+        torch.testing.assert_close(next_item_queries(model, batch), want, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ from genrec.data.batches import Batch, eval_batch
 from genrec.data.split import EvalExamples, train_item_counts
 from genrec.data.store import SequenceStore
 from genrec.eval.metrics import ranking_metrics
+from genrec.models import next_item_queries
 from genrec.models.scoring import Scorer
 
 
@@ -104,8 +105,7 @@ def last_hidden(model: torch.nn.Module, scorer: Scorer):
     """query_fn for a sequence model: the scorer-normalised hidden state at each row's last event."""
 
     def query(batch: Batch) -> torch.Tensor:
-        h = model(batch)  # (B, L, D)
-        return scorer.queries(h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1])
+        return scorer.queries(next_item_queries(model, batch))
 
     return query
 

@@ -26,7 +26,7 @@ import torch
 from genrec.config import config_from_dict
 from genrec.data.batches import Batch, next_event_times
 from genrec.data.vocab import Vocab
-from genrec.models import build_model
+from genrec.models import build_model, next_item_queries
 from genrec.models.scoring import Scorer
 from genrec.train.checkpoint import load_checkpoint
 
@@ -88,8 +88,7 @@ class Recommender:
         batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
         batch = batch.to(self.item_table.device)
         with torch.no_grad():
-            h = self.model(batch)
-            return self.scorer.queries(h[torch.arange(len(hs)), batch.lengths - 1])
+            return self.scorer.queries(next_item_queries(self.model, batch))
 
     def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool = True,
                   timestamps: list[list[int]] | None = None,

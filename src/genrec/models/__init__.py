@@ -6,6 +6,7 @@ Models know nothing of datasets, losses or trainers. ``MODELS`` maps a config na
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from genrec.models.bert4rec import BERT4Rec, BERT4RecConfig
@@ -23,6 +24,16 @@ MODELS: dict[str, tuple[type, type]] = {
 }
 
 
+def next_item_queries(model: nn.Module, batch) -> torch.Tensor:
+    """(B, D) hidden state at each row's last event: what evaluation and recommendation score against
+    the item table. Uses the model's own ``next_item_queries`` when it has a cheaper path (HSTU)."""
+    own = getattr(model, "next_item_queries", None)
+    if own is not None:
+        return own(batch)
+    h = model(batch)  # (B, L, D)
+    return h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1]
+
+
 def build_model(cfg, num_items: int) -> nn.Module:
     for cfg_cls, model_cls in MODELS.values():
         if type(cfg) is cfg_cls:
@@ -30,5 +41,5 @@ def build_model(cfg, num_items: int) -> nn.Module:
     raise TypeError(f"no model for config {type(cfg).__name__}")
 
 
-__all__ = ["MODELS", "build_model", "BERT4Rec", "BERT4RecConfig", "GRU4Rec", "GRU4RecConfig", "HSTU", "HSTUConfig",
+__all__ = ["MODELS", "build_model", "next_item_queries", "BERT4Rec", "BERT4RecConfig", "GRU4Rec", "GRU4RecConfig", "HSTU", "HSTUConfig",
            "Mamba4Rec", "Mamba4RecConfig", "SASRec", "SASRecConfig"]

@@ -315,6 +315,43 @@ class HSTULayer(nn.Module):
             o = u * self.attn_norm(o)  # (N, H*dv)
         return self.out(self.dropout(o)) + x
 
+    def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
+                     buckets: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output at each row's last real token only, (B, D): what next-item prediction needs
+        from the final layer. Keys and values still come from every token; the one query row per user
+        replaces the (L x L) attention and the per-token work after it."""
+        cfg = self.cfg
+        B, L = tokens.B, tokens.L
+        H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+        uvqk = self.in_norm(x) @ self.uvqk  # (N, W)
+        if cfg.silu == "uvqk":
+            uvqk = F.silu(uvqk)
+        last = tokens.last_index(lengths)  # (B,) token index of each row's last event
+        u, q = uvqk[last, :H * dv], uvqk[last, 2 * H * dv:2 * H * dv + H * dqk]  # (B, H*dv), (B, H*dqk)
+        if cfg.silu == "u":
+            u = F.silu(u)
+        vk = tokens.unpack(uvqk[:, H * dv:])  # (B, L, W - H*dv): V, Q, K
+        v = vk[..., :H * dv].reshape(B, L, H, dv)
+        k = vk[..., H * dv + H * dqk:].reshape(B, L, H, dqk)
+        q = q.view(B, H, dqk) * ((1.0 / math.sqrt(dqk)) if cfg.attn_scale else 1.0)
+        rows = torch.arange(B, device=x.device)
+        scores = torch.einsum("bhd,blhd->bhl", q, k)  # (B, H, L)
+        if self.rab is not None:
+            bias = self.rab(L, buckets)  # (B or 1, L, L)
+            scores = scores + (bias[0, lengths - 1] if bias.shape[0] == 1 else bias[rows, lengths - 1])[:, None, :]
+        visible = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # (B, L): keys 0 .. last
+        weights = F.silu(scores) * visible[:, None, :]
+        o = torch.einsum("bhl,blhd->bhd", weights, v).reshape(B, H * dv)
+        if cfg.attn_norm == "visible":
+            o = o / lengths[:, None].to(o.dtype)
+        else:
+            o = o / self.normaliser(L, lengths, x.device)
+        if cfg.output == "concat":
+            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)
+        else:
+            o = u * self.attn_norm(o)
+        return self.out(self.dropout(o)) + x[last]
+
     def normaliser(self, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor | float:
         if self.cfg.attn_norm == "max_len":
             return float(self.cfg.max_len)
@@ -362,6 +399,26 @@ class HSTU(nn.Module):
         if self.cfg.output_l2_norm:
             x = F.normalize(x, dim=-1, eps=1e-6)
         return tokens.unpack(x)  # (B, L, D), zero at padding
+
+    def next_item_queries(self, batch: Batch) -> torch.Tensor:
+        """(B, D): ``forward(batch)`` at each row's last event, computing only that row in the final layer
+        (evaluation and recommendation need nothing else; 1 / num_blocks of the attention saved)."""
+        B, L = batch.items.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        if int(batch.lengths.min()) < 1:
+            raise ValueError("next_item_queries needs at least one event per history")
+        tokens = Tokens(batch.padding_mask)
+        x = self.item_embedding(batch.items) * math.sqrt(self.cfg.dim)
+        x = tokens.mask(self.dropout(tokens.pack(x + self.position_embedding(torch.arange(L, device=x.device))[None])))
+        buckets = None
+        if self.cfg.relative_bias == "position_time" and batch.timestamps is not None:
+            query_time = batch.query_time if batch.query_time is not None else batch.timestamps
+            buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
+        for layer in self.layers[:-1]:
+            x = tokens.mask(layer(x, tokens, batch.lengths, buckets))
+        x = self.layers[-1].forward_last(x, tokens, batch.lengths, buckets)  # (B, D)
+        return F.normalize(x, dim=-1, eps=1e-6) if self.cfg.output_l2_norm else x
 
     def item_vectors(self) -> torch.Tensor:
         """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""

@@ -95,6 +95,12 @@ class Tokens:
             t = t.new_zeros(self.B * self.L, *t.shape[1:]).index_copy(0, self.index, t)
         return t.reshape(self.B, self.L, *t.shape[1:])
 
+    def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) index of each row's last real token in the (N, ...) layout (rows with >= 1 token)."""
+        if self.packed:
+            return torch.cumsum(lengths, 0) - 1
+        return torch.arange(self.B, device=lengths.device) * self.L + lengths - 1
+
     def mask(self, t: torch.Tensor) -> torch.Tensor:
         """Zero the padding tokens (nothing to do when packed)."""
         return t if self.packed else t * self.keep.to(t.dtype)
