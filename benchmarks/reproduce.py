@@ -91,10 +91,12 @@ def run_dir(row: Row, seed: int) -> Path:
     return RUNS / f"{row.dataset}-{row.model}" / f"seed{seed}"
 
 
-def train_command(row: Row, seed: int, epochs: int | None, resume: bool) -> list[str]:
+def train_command(row: Row, seed: int, epochs: int | None, resume: bool, threads: int = 0) -> list[str]:
     cmd = ["genrec", "train", row.config, f"train.seed={seed}"]
     if epochs:
         cmd.append(f"train.epochs={epochs}")
+    if threads:
+        cmd.append(f"train.threads={threads}")
     cmd += ["--out", str(run_dir(row, seed).relative_to(REPO))]
     return cmd + (["--resume"] if resume else [])
 
@@ -106,10 +108,10 @@ def ensure_dataset(name: str) -> None:
     if not Path(source).exists():
         sys.exit(f"{source} not found: the {name} rows need ../shared/data (see its README)")
     print(f"preparing {name}: genrec prepare {reader} {source} {out}", flush=True)
-    subprocess.run(["genrec", "prepare", reader, source, out], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "genrec.cli", "prepare", reader, source, out], cwd=REPO, check=True)
 
 
-def run_row(row: Row, epochs: int | None) -> None:
+def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
     ensure_dataset(row.dataset)
     for seed in row.seeds:
         out = run_dir(row, seed)
@@ -117,15 +119,15 @@ def run_row(row: Row, epochs: int | None) -> None:
             print(f"{row.key} seed {seed}: done", flush=True)
             continue
         resume = (out / "last.pt").is_file()
-        cmd = train_command(row, seed, epochs, resume)
+        cmd = train_command(row, seed, epochs, resume, threads)
         print(f"{row.key} seed {seed}: {shlex.join(cmd)}", flush=True)
         wall_file = out / "wall.json"
         spent = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
         t = time.perf_counter()
-        result = subprocess.run(cmd, cwd=REPO)
+        result = subprocess.run([sys.executable, "-m", "genrec.cli", *cmd[1:]], cwd=REPO)  # this Python's genrec
         out.mkdir(parents=True, exist_ok=True)
         wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": shlex.join(
-            train_command(row, seed, epochs, False))}))
+            train_command(row, seed, epochs, False, threads))}))
         if result.returncode:
             sys.exit(f"{row.key} seed {seed} failed (exit {result.returncode}); rerun this command to resume")
 
@@ -213,6 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rows", nargs="*", help="rows to run: dataset/model, a dataset, or all")
     ap.add_argument("--epochs", type=int, default=None, help="cap every run at this many epochs")
+    ap.add_argument("--threads", type=int, default=0, help="train.threads of every run (0: the preset's)")
     ap.add_argument("--list", action="store_true", help="list the rows and their state")
     ap.add_argument("--table", action="store_true", help="print the results table")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
@@ -223,7 +226,7 @@ def main() -> None:
             print(f"{row.key:24s} seeds {done}/{len(row.seeds)} done   {shlex.join(train_command(row, row.seeds[0], args.epochs, False))}")
         return
     for row in select(args.rows) if args.rows else []:
-        run_row(row, args.epochs)
+        run_row(row, args.epochs, args.threads)
     if args.table or args.write or args.rows:
         text = table()
         print(text)

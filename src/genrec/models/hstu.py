@@ -216,6 +216,21 @@ class _CausalSiluAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``t[order]`` for a permutation: the backward is the inverse permutation, a gather too (autograd's
+    default scatter-add for an index is 3x slower)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                           lengths: torch.Tensor | None = None, block: int = ATTENTION_BLOCK,
                           tile: int = ATTENTION_TILE) -> torch.Tensor:
@@ -242,9 +257,10 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     if lengths is not None and B > 1:
         sorted_len, order = torch.sort(lengths.clamp(min=1, max=L), descending=True, stable=True)
         row_len = sorted_len.repeat_interleave(H).tolist()
-        q, k, v = q[order], k[order], v[order]
+        inverse = torch.argsort(order)
+        q, k, v = (_PermuteRows.apply(t, order, inverse) for t in (q, k, v))
         if bias is not None and bias.shape[0] > 1:
-            bias = bias[order]
+            bias = _PermuteRows.apply(bias, order, inverse)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qf, kf, vf, bias)):
         out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile, row_len)
@@ -252,7 +268,7 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
         out = _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
     out = out.view(B, H, L, dv)
     if order is not None:
-        out = out[torch.argsort(order)]
+        out = _PermuteRows.apply(out, inverse, order)
     return out.transpose(1, 2)  # (B, L, H, dv)
 
 
