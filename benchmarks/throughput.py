@@ -156,8 +156,9 @@ def main() -> None:
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     lines = [f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
              f"matmul fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s (1024^3, best of 10).",
-             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per row, both paths on the same "
-             + ("random batches" if not args.window else f"batches (genrec: train.length_window={args.window})")
+             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per row; "
+             + ("both paths on the same random batches" if not args.window else
+                f"genrec on length-sorted batches (train.length_window={args.window}), dense on random batches")
              + "; the dense path pads every batch to 200.", "",
              "| model | path | s/step | real tokens/s | speed-up | useful GFLOP/s | % of fp32 matmul | peak RSS GiB "
              "| full-ranking eval (users/s) |",
