@@ -70,3 +70,98 @@ def test_recommend_raw_ids_exclusion_and_fallback(hstu_run, tiny_data_dir):
         rec.recommend([items], timestamps=[times[:-1]])
     with pytest.raises(ValueError, match="k must be positive"):
         rec.recommend([items], k=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch recommendations from a file (genrec recommend RUN --input F --output F)
+
+
+def _histories(tiny_data_dir, n=7):
+    store = SequenceStore.load(tiny_data_dir)
+    out = []
+    for u in range(n):
+        items = store.item_vocab.to_raw(store.user_items(u)).tolist()
+        times = np.asarray(store.timestamps[store.offsets[u]:store.offsets[u + 1]]).tolist()
+        out.append((f"u{u}", items, times))
+    return out
+
+
+@pytest.mark.parametrize("fmt_in,fmt_out", [("jsonl", "parquet"), ("parquet", "jsonl"), ("csv", "jsonl")])
+def test_batch_file_equals_python_api(hstu_run, tiny_data_dir, tmp_path, fmt_in, fmt_out):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from genrec.infer.batch import recommend_file
+
+    rows = _histories(tiny_data_dir)
+    rows.append(("nobody", ["unknown-a", "unknown-b"], [1, 2]))  # only unknown ids: popularity fallback
+    src = tmp_path / f"in.{fmt_in}"
+    if fmt_in == "jsonl":
+        src.write_text("".join(json.dumps({"user": u, "history": h, "timestamps": t}) + "\n" for u, h, t in rows))
+    elif fmt_in == "parquet":
+        pq.write_table(pa.table({"user": [u for u, _, _ in rows], "history": [[str(x) for x in h] for _, h, _ in rows],
+                                 "timestamps": [t for _, _, t in rows]}), src)
+    else:
+        src.write_text("user,history,timestamps\n" + "".join(
+            f'{u},"{" ".join(map(str, h))}","{",".join(map(str, t))}"\n' for u, h, t in rows))
+    out = tmp_path / f"out.{fmt_out}"
+    rec = Recommender.load(hstu_run)
+    counts = recommend_file(rec, src, out, k=5, batch_size=3)  # several batches, the last one partial
+    assert counts == {"users": len(rows), "unknown_ids": 2, "fallbacks": 1}
+    got = (pq.read_table(out).to_pylist() if fmt_out == "parquet"
+           else [json.loads(line) for line in out.read_text().splitlines()])
+    assert [g["user"] for g in got] == [u for u, _, _ in rows]
+    want = rec.recommend([[str(x) for x in h] for _, h, _ in rows], k=5, timestamps=[t for _, _, t in rows])
+    for g, w in zip(got, want):
+        assert [str(x) for x in g["items"]] == [str(x) for x in w.items] and g["fallback"] == w.fallback
+        np.testing.assert_allclose(g["scores"], w.scores, rtol=1e-4, atol=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_batch_file_errors_leave_no_output(hstu_run, tmp_path):
+    from genrec.infer.batch import recommend_file
+
+    rec = Recommender.load(hstu_run)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": 1, "history": ["1"]}\n{not json}\n')
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        recommend_file(rec, bad, out, batch_size=1)  # the first batch was already written to the temp file
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+    bad.write_text('{"user": 1, "items": ["1"]}\n')
+    with pytest.raises(ValueError, match="'history' column"):
+        recommend_file(rec, bad, out)
+    bad.write_text('{"history": ["1", "2"], "timestamps": [5]}\n')
+    with pytest.raises(ValueError, match="1 timestamps for 2 history items"):
+        recommend_file(rec, bad, out)
+    out.write_text("keep me")
+    bad.write_text('{"history": ["1"]}\n')
+    with pytest.raises(ValueError, match="--overwrite"):
+        recommend_file(rec, bad, out)
+    assert out.read_text() == "keep me"  # never clobbered without --overwrite
+    with pytest.raises(ValueError, match="unknown output format"):
+        recommend_file(rec, bad, tmp_path / "out.xlsx")
+    with pytest.raises(FileNotFoundError):
+        recommend_file(rec, tmp_path / "missing.jsonl", tmp_path / "o.jsonl")
+
+
+def test_batch_cli(hstu_run, tiny_data_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from genrec.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"user": u, "history": h}) + "\n" for u, h, _ in _histories(tiny_data_dir, 4)))
+    out = tmp_path / "recs.jsonl"
+    result = CliRunner().invoke(main, ["recommend", str(hstu_run), "--input", str(src), "--output", str(out), "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 recommendation lists" in result.output
+    assert [len(json.loads(line)["items"]) for line in out.read_text().splitlines()] == [3, 3, 3, 3]
+    for args, msg in [([], "either --history"), (["--history", "1", "--input", str(src)], "either --history"),
+                      (["--input", str(src)], "needs --output")]:
+        result = CliRunner().invoke(main, ["recommend", str(hstu_run), *args])
+        assert result.exit_code != 0 and msg in result.output

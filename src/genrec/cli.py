@@ -199,16 +199,44 @@ def evaluate(run_dir, which, as_json, exclude_history):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--history", required=True, help="comma-separated raw item ids, oldest first")
+@click.option("--history", default=None, help="comma-separated raw item ids, oldest first (one history)")
+@click.option("--input", "input_path", default=None, type=click.Path(dir_okay=False),
+              help="file of histories (Parquet, JSONL or CSV with a 'history' column; optional 'user', 'timestamps')")
+@click.option("--output", "output_path", default=None, type=click.Path(dir_okay=False),
+              help="with --input: where to write the top-K lists (Parquet or JSONL, by extension)")
 @click.option("-k", "k", default=10, show_default=True, help="number of recommendations")
 @click.option("--timestamps", default=None, help="comma-separated unix times of the history items (time-aware models)")
 @click.option("--at", "query_time", default=None, type=int, help="unix time to recommend for (default: now)")
 @click.option("--include-seen", is_flag=True, help="allow items already in the history")
+@click.option("--batch-size", default=256, show_default=True, help="with --input: users per forward pass")
+@click.option("--overwrite", is_flag=True, help="with --input: replace an existing --output file")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def recommend(run_dir, history, k, timestamps, query_time, include_seen, as_json):
-    """Top-K raw item ids for one HISTORY of raw item ids."""
+def recommend(run_dir, history, input_path, output_path, k, timestamps, query_time, include_seen, batch_size,
+              overwrite, as_json):
+    """Top-K raw item ids for one --history, or for every history of an --input file into --output.
+
+    \b
+    genrec recommend runs/x --history 12,7,33 -k 5
+    genrec recommend runs/x --input users.parquet --output recs.parquet -k 100
+    """
     from genrec.infer.recommender import Recommender
 
+    if (history is None) == (input_path is None):
+        _fail(ValueError("give either --history (one user) or --input FILE --output FILE (many)"))
+    if input_path is not None:
+        if output_path is None:
+            _fail(ValueError("--input needs --output FILE (.parquet or .jsonl)"))
+        from genrec.infer.batch import recommend_file
+
+        try:
+            counts = recommend_file(Recommender.load(run_dir), input_path, output_path, k=k,
+                                    exclude_seen=not include_seen, batch_size=batch_size, overwrite=overwrite,
+                                    progress=sys.stderr.isatty())
+        except USER_ERRORS as e:
+            _fail(e)
+        click.echo(f"wrote {counts['users']:,} recommendation lists to {output_path} ({counts['unknown_ids']:,} "
+                   f"unknown item ids ignored, {counts['fallbacks']:,} popularity fallbacks)")
+        return
     items = [x.strip() for x in history.split(",") if x.strip()]
     try:
         times = None

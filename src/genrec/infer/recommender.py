@@ -120,14 +120,16 @@ class Recommender:
                             query_time[rows] if timestamps is not None else None)
             scores = q @ self.item_table.T  # (B, I + 1)
             scores[:, 0] = -torch.inf
-        for j, i in enumerate(rows):
-            s = scores[j]
-            if exclude_seen:
-                s[torch.from_numpy(dense[i])] = -torch.inf
-            top = torch.topk(s, k)
-            ok = torch.isfinite(top.values)
-            ids = top.indices[ok].numpy()
-            out[i] = Recommendation(self.vocab.to_raw(ids).tolist(), top.values[ok].tolist(), unknown[i])
+        if rows and exclude_seen:  # all rows at once: -inf at every (row, history item)
+            seen_rows = np.repeat(np.arange(len(rows)), [len(dense[i]) for i in rows])
+            seen_items = np.concatenate([dense[i] for i in rows])
+            scores[torch.from_numpy(seen_rows), torch.from_numpy(seen_items)] = -torch.inf
+        if rows:
+            top = torch.topk(scores, k, dim=1)
+            values, indices = top.values.tolist(), top.indices.numpy()
+            for j, i in enumerate(rows):
+                n = int(np.isfinite(values[j]).sum())  # fewer than k items left after the exclusions
+                out[i] = Recommendation(self.vocab.to_raw(indices[j, :n]).tolist(), values[j][:n], unknown[i])
         for i in range(len(histories)):
             if out[i] is None:
                 out[i] = self._popular(k, unknown[i])
