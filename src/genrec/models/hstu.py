@@ -124,7 +124,8 @@ def gather_scalars(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 ATTENTION_BLOCK = 64  # query rows per block in causal_silu_attention (smaller: less of the diagonal blocks' upper half)
-ATTENTION_TILE = 1 << 18  # score elements per tile (1 MiB in fp32): small enough to stay in cache
+ATTENTION_TILE = 1 << 18  # score elements per tile (1 MiB in fp32) under autograd: stays in cache
+INFERENCE_TILE = 1 << 20  # without autograd fewer, larger tiles measured ~15 % faster (ML-1M evaluation)
 
 
 def _tiles(BH: int, L: int, H: int, per_row: bool, block: int, tile: int, row_len: list[int] | None = None):
@@ -233,7 +234,7 @@ class _PermuteRows(torch.autograd.Function):
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                           lengths: torch.Tensor | None = None, block: int = ATTENTION_BLOCK,
-                          tile: int = ATTENTION_TILE) -> torch.Tensor:
+                          tile: int | None = None) -> torch.Tensor:
     """O[b,i,h] = sum_{j<=i} SiLU(q[b,i,h].k[b,j,h] + bias[b,i,j]) v[b,j,h], tile by tile.
 
     The pointwise attention is memory-bound on CPU: every pass over a full (B, H, L, L) score tensor
@@ -263,9 +264,9 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
             bias = _PermuteRows.apply(bias, order, inverse)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qf, kf, vf, bias)):
-        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile, row_len)
+        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
     else:
-        out = _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
+        out = _attention_forward(qf, kf, vf, bias, H, block, tile or INFERENCE_TILE, row_len)
     out = out.view(B, H, L, dv)
     if order is not None:
         out = _PermuteRows.apply(out, inverse, order)
