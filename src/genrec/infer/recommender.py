@@ -126,10 +126,11 @@ class Recommender:
             scores[torch.from_numpy(seen_rows), torch.from_numpy(seen_items)] = -torch.inf
         if rows:
             top = torch.topk(scores, k, dim=1)
-            values, indices = top.values.tolist(), top.indices.numpy()
+            finite = torch.isfinite(top.values).sum(dim=1).tolist()  # fewer than k left after the exclusions
+            raw = self.vocab.to_raw(top.indices.numpy().reshape(-1)).reshape(len(rows), k).tolist()
+            values = top.values.tolist()
             for j, i in enumerate(rows):
-                n = int(np.isfinite(values[j]).sum())  # fewer than k items left after the exclusions
-                out[i] = Recommendation(self.vocab.to_raw(indices[j, :n]).tolist(), values[j][:n], unknown[i])
+                out[i] = Recommendation(raw[j][:finite[j]], values[j][:finite[j]], unknown[i])
         for i in range(len(histories)):
             if out[i] is None:
                 out[i] = self._popular(k, unknown[i])
