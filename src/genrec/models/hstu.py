@@ -335,8 +335,8 @@ class HSTULayer(nn.Module):
     def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                      buckets: torch.Tensor | None) -> torch.Tensor:
         """The layer's output at each row's last real token only, (B, D): what next-item prediction needs
-        from the final layer. Keys and values still come from every token; the one query row per user
-        replaces the (L x L) attention and the per-token work after it."""
+        from the final layer. Keys and values still come from every token, in the packed layout (no
+        padded buffer); the one query per user replaces the (L x L) attention and the work after it."""
         cfg = self.cfg
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
@@ -347,18 +347,19 @@ class HSTULayer(nn.Module):
         u, q = uvqk[last, :H * dv], uvqk[last, 2 * H * dv:2 * H * dv + H * dqk]  # (B, H*dv), (B, H*dqk)
         if cfg.silu == "u":
             u = F.silu(u)
-        vk = tokens.unpack(uvqk[:, H * dv:])  # (B, L, W - H*dv): V, Q, K
-        v = vk[..., :H * dv].reshape(B, L, H, dv)
-        k = vk[..., H * dv + H * dqk:].reshape(B, L, H, dqk)
+        v = uvqk[:, H * dv:2 * H * dv].reshape(-1, H, dv)  # (N, H, dv)
+        k = uvqk[:, 2 * H * dv + H * dqk:].reshape(-1, H, dqk)  # (N, H, dqk)
         q = q.view(B, H, dqk) * ((1.0 / math.sqrt(dqk)) if cfg.attn_scale else 1.0)
-        rows = torch.arange(B, device=x.device)
-        scores = torch.einsum("bhd,blhd->bhl", q, k)  # (B, H, L)
+        row, col = tokens.positions()  # (N,) batch row and position of every token
+        query_pos = (lengths - 1)[row]  # (N,) position of the row's last event
+        scores = (q[row] * k).sum(-1)  # (N, H)
         if self.rab is not None:
-            bias = self.rab(L, buckets)  # (B or 1, L, L)
-            scores = scores + (bias[0, lengths - 1] if bias.shape[0] == 1 else bias[rows, lengths - 1])[:, None, :]
-        visible = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # (B, L): keys 0 .. last
-        weights = F.silu(scores) * visible[:, None, :]
-        o = torch.einsum("bhl,blhd->bhd", weights, v).reshape(B, H * dv)
+            bias = self.rab.position[col - query_pos + cfg.max_len - 1]  # j - i
+            if self.rab.time is not None and buckets is not None:
+                bias = bias + self.rab.time[buckets[row, query_pos, col]]
+            scores = scores + bias[:, None]
+        weights = F.silu(scores) * (col <= query_pos)[:, None]  # padding tokens (unpacked layout) drop out
+        o = x.new_zeros(B, H, dv).index_add_(0, row, weights[..., None] * v).reshape(B, H * dv)
         if cfg.attn_norm == "visible":
             o = o / lengths[:, None].to(o.dtype)
         else:

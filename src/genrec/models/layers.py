@@ -111,6 +111,11 @@ class Tokens:
             t = t.new_zeros(self.B * self.L, *t.shape[1:]).index_copy(0, self.index, t)
         return t.reshape(self.B, self.L, *t.shape[1:])
 
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of each of the N tokens."""
+        flat = self.index if self.packed else torch.arange(self.B * self.L, device=self.keep.device)
+        return torch.div(flat, self.L, rounding_mode="floor"), flat % self.L
+
     def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) index of each row's last real token in the (N, ...) layout (rows with >= 1 token)."""
         if self.packed:
