@@ -125,10 +125,10 @@ def test_batch_file_errors_leave_no_output(hstu_run, tmp_path):
 
     rec = Recommender.load(hstu_run)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"user": 1, "history": ["1"]}\n{not json}\n')
+    bad.write_text('{"user": 1, "history": ["1"]}\n' * 20 + '{not json}\n')
     out = tmp_path / "out.jsonl"
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        recommend_file(rec, bad, out, batch_size=1)  # the first batch was already written to the temp file
+    with pytest.raises(ValueError, match="line 21 is not valid JSON"):
+        recommend_file(rec, bad, out, batch_size=1)  # the first read (16 rows) was already written to the temp file
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
     bad.write_text('{"user": 1, "items": ["1"]}\n')
     with pytest.raises(ValueError, match="'history' column"):

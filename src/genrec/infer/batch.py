@@ -7,8 +7,9 @@ lines with ``user``, ``items`` (raw ids, best first; strings in Parquet, the voc
 ``scores``, ``unknown`` (history ids the model does not know, ignored) and ``fallback`` (true when
 nothing in the history was known: popular items).
 
-The input is read ``batch_size`` rows at a time and each batch is written before the next is read, so
-memory does not depend on the file's size. The output is written to a temporary file next to it and
+The input is read 16 x ``batch_size`` rows at a time (sorted by length inside the read, so each forward
+pass of ``batch_size`` users pads little) and each read is written before the next, so memory does not
+depend on the file's size. The output is written to a temporary file next to it and
 renamed at the end: a failure (a malformed row, an interrupt) never leaves a partial output behind and
 never touches an existing file unless ``overwrite``.
 """
@@ -161,10 +162,11 @@ def recommend_file(recommender: Recommender, input_path: str | Path, output_path
         raise ValueError(f"batch size must be positive, got {batch_size}")
     tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
     counts = {"users": 0, "unknown_ids": 0, "fallbacks": 0}
+    recommender.batch_size = batch_size  # forward passes of batch_size users, sorted by length within a read
     writer = _Writer(tmp, fmt)
     try:
         with tqdm(desc="recommend", unit=" users", disable=not progress) as bar:
-            for batch in read_histories(input_path, batch_size):
+            for batch in read_histories(input_path, 16 * batch_size):  # read ahead: 16 forward passes
                 users = [u for u, _, _ in batch]
                 histories = [h for _, h, _ in batch]
                 timed = [t for _, _, t in batch]

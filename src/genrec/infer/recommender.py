@@ -45,6 +45,7 @@ class Recommender:
         self.model, self.scorer, self.vocab, self.max_len = model.eval(), scorer, vocab, max_len
         self.config = config or {}
         self.item_counts = item_counts
+        self.batch_size = 256  # histories per forward pass inside recommend()
         with torch.no_grad():
             self.item_table = scorer.items(model.item_vectors()).detach()  # (I + 1, D)
 
@@ -113,23 +114,23 @@ class Recommender:
             if timestamps is not None:
                 keep_ts.append(np.asarray(timestamps[i], dtype=np.int64)[known])
         out: list[Recommendation | None] = [None] * len(histories)
-        rows = [i for i, d in enumerate(dense) if len(d)]
-        scores = torch.empty(0)
-        if rows:
-            q = self.encode([dense[i] for i in rows], [keep_ts[i] for i in rows] if timestamps is not None else None,
-                            query_time[rows] if timestamps is not None else None)
+        # batched internally: rows sorted by (window) length, so each forward pass pads little
+        rows = sorted((i for i, d in enumerate(dense) if len(d)), key=lambda i: min(len(dense[i]), self.max_len))
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            q = self.encode([dense[i] for i in chunk], [keep_ts[i] for i in chunk] if timestamps is not None else None,
+                            query_time[chunk] if timestamps is not None else None)
             scores = q @ self.item_table.T  # (B, I + 1)
             scores[:, 0] = -torch.inf
-        if rows and exclude_seen:  # all rows at once: -inf at every (row, history item)
-            seen_rows = np.repeat(np.arange(len(rows)), [len(dense[i]) for i in rows])
-            seen_items = np.concatenate([dense[i] for i in rows])
-            scores[torch.from_numpy(seen_rows), torch.from_numpy(seen_items)] = -torch.inf
-        if rows:
+            if exclude_seen:  # all rows at once: -inf at every (row, history item)
+                seen_rows = np.repeat(np.arange(len(chunk)), [len(dense[i]) for i in chunk])
+                seen_items = np.concatenate([dense[i] for i in chunk])
+                scores[torch.from_numpy(seen_rows), torch.from_numpy(seen_items)] = -torch.inf
             top = torch.topk(scores, k, dim=1)
             finite = torch.isfinite(top.values).sum(dim=1).tolist()  # fewer than k left after the exclusions
-            raw = self.vocab.to_raw(top.indices.numpy().reshape(-1)).reshape(len(rows), k).tolist()
+            raw = self.vocab.to_raw(top.indices.numpy().reshape(-1)).reshape(len(chunk), k).tolist()
             values = top.values.tolist()
-            for j, i in enumerate(rows):
+            for j, i in enumerate(chunk):
                 out[i] = Recommendation(raw[j][:finite[j]], values[j][:finite[j]], unknown[i])
         for i in range(len(histories)):
             if out[i] is None:
