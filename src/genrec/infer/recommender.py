@@ -105,12 +105,14 @@ class Recommender:
             warnings.warn("this model was trained with a time bias; without timestamps it uses positions only "
                           "(pass timestamps= and query_time= for the scores it was evaluated with)", stacklevel=2)
         k = min(k, len(self.vocab))
+        sizes = [len(h) for h in histories]
+        flat = [x for h in histories for x in h]  # one vocabulary lookup for every history
+        all_dense = self.vocab.to_dense(flat) if flat else np.zeros(0, dtype=np.int64)
         dense, unknown, keep_ts = [], [], []
-        for i, h in enumerate(histories):
-            d = self.vocab.to_dense(list(h)) if len(h) else np.zeros(0, dtype=np.int64)
+        for i, d in enumerate(np.split(all_dense, np.cumsum(sizes)[:-1]) if histories else []):
             known = d > 0
             dense.append(d[known])
-            unknown.append(int((~known).sum()))
+            unknown.append(int(len(d) - known.sum()))
             if timestamps is not None:
                 keep_ts.append(np.asarray(timestamps[i], dtype=np.int64)[known])
         out: list[Recommendation | None] = [None] * len(histories)
