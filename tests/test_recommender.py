@@ -165,3 +165,16 @@ def test_batch_cli(hstu_run, tiny_data_dir, tmp_path):
                       (["--input", str(src)], "needs --output")]:
         result = CliRunner().invoke(main, ["recommend", str(hstu_run), *args])
         assert result.exit_code != 0 and msg in result.output
+
+
+def test_batch_file_empty_input_gives_an_empty_valid_output(hstu_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from genrec.infer.batch import recommend_file
+
+    src = tmp_path / "empty.jsonl"
+    src.write_text("\n")
+    counts = recommend_file(Recommender.load(hstu_run), src, tmp_path / "out.parquet")
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert counts["users"] == 0 and table.num_rows == 0
+    assert table.column_names == ["user", "items", "scores", "unknown", "fallback"]

@@ -3,7 +3,7 @@
 Input (one row per user): Parquet, JSON lines or CSV / TSV with a ``history`` column (a list of raw item
 ids, oldest first; in CSV a string of ids separated by commas or spaces), optionally ``user`` (any id,
 copied to the output) and ``timestamps`` (unix seconds, one per history item). Output: Parquet or JSON
-lines with ``user``, ``items`` (raw ids, best first; strings in Parquet, the vocabulary's type in JSON),
+lines with ``user``, ``items`` (raw ids, best first, in the vocabulary's type: integers or strings),
 ``scores``, ``unknown`` (history ids the model does not know, ignored) and ``fallback`` (true when
 nothing in the history was known: popular items).
 
@@ -108,8 +108,9 @@ def read_histories(path: str | Path, batch_size: int = 1024) -> Iterator[list[tu
 
 
 class _Writer:
-    def __init__(self, path: Path, fmt: str):
+    def __init__(self, path: Path, fmt: str, integer_ids: bool):
         self.path, self.fmt, self.writer, self.file = path, fmt, None, None
+        self.integer_ids = integer_ids  # the vocabulary's raw id type: Parquet stores int64 or string lists
         if fmt == "jsonl":
             self.file = open(path, "w", encoding="utf-8")
 
@@ -122,14 +123,20 @@ class _Writer:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        items = [r.items for r in recs] if self.integer_ids else [[str(i) for i in r.items] for r in recs]
         table = pa.table({"user": pa.array([None if u is None else str(u) for u in users], pa.string()),
-                          "items": pa.array([[str(i) for i in r.items] for r in recs], pa.list_(pa.string())),
+                          "items": pa.array(items, self._item_type()),
                           "scores": pa.array([r.scores for r in recs], pa.list_(pa.float32())),
                           "unknown": pa.array([r.unknown for r in recs], pa.int32()),
                           "fallback": pa.array([r.fallback for r in recs], pa.bool_())})
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table)
+
+    def _item_type(self):
+        import pyarrow as pa
+
+        return pa.list_(pa.int64() if self.integer_ids else pa.string())
 
     def close(self) -> None:
         if self.file is not None:
@@ -140,7 +147,7 @@ class _Writer:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({"user": pa.array([], pa.string()), "items": pa.array([], pa.list_(pa.string())),
+            pq.write_table(pa.table({"user": pa.array([], pa.string()), "items": pa.array([], self._item_type()),
                                      "scores": pa.array([], pa.list_(pa.float32())),
                                      "unknown": pa.array([], pa.int32()), "fallback": pa.array([], pa.bool_())}),
                            self.path)
@@ -163,7 +170,7 @@ def recommend_file(recommender: Recommender, input_path: str | Path, output_path
     tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
     counts = {"users": 0, "unknown_ids": 0, "fallbacks": 0}
     recommender.batch_size = batch_size  # forward passes of batch_size users, sorted by length within a read
-    writer = _Writer(tmp, fmt)
+    writer = _Writer(tmp, fmt, bool(recommender.vocab.is_integer))
     try:
         with tqdm(desc="recommend", unit=" users", disable=not progress) as bar:
             for batch in read_histories(input_path, 16 * batch_size):  # read ahead: 16 forward passes
