@@ -313,7 +313,7 @@ class HSTULayer(nn.Module):
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         uvqk = self.in_norm(x) @ self.uvqk  # (N, 2*H*dv + 2*H*dqk)
         if cfg.silu == "uvqk":
-            uvqk = F.silu(uvqk)
+            uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
         # attention needs the (B, L) layout: V, Q and K go back to padded rows in one copy
         v, q, k = torch.split(tokens.unpack(uvqk[:, H * dv:]), [H * dv, H * dqk, H * dqk], dim=-1)
@@ -342,7 +342,7 @@ class HSTULayer(nn.Module):
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         uvqk = self.in_norm(x) @ self.uvqk  # (N, W)
         if cfg.silu == "uvqk":
-            uvqk = F.silu(uvqk)
+            uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         last = tokens.last_index(lengths)  # (B,) token index of each row's last event
         u, q = uvqk[last, :H * dv], uvqk[last, 2 * H * dv:2 * H * dv + H * dqk]  # (B, H*dv), (B, H*dqk)
         if cfg.silu == "u":
