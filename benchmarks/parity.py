@@ -34,8 +34,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CONFIGS = {"sasrec": "configs/ml-1m/sasrec.toml", "hstu": "configs/ml-1m/hstu.toml",
-           "hstu-large": "configs/ml-1m/hstu-large.toml"}
+sys.path.insert(0, str(HERE))
+from throughput import CONFIGS  # noqa: E402  (the same ML-1M presets)
 
 
 def cache_file(model_name: str, path: str, seed: int, epochs: int, window: int) -> Path:
@@ -43,7 +43,6 @@ def cache_file(model_name: str, path: str, seed: int, epochs: int, window: int) 
 
 
 def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, threads: int, window: int) -> dict:
-    sys.path.insert(0, str(HERE))
     from dense_reference import dense_train_step
 
     from genrec.config import load_config
@@ -129,7 +128,6 @@ def main() -> None:
     table = format_table(results, args)
     print(table)
     if args.write:
-        sys.path.insert(0, str(HERE))
         from results_file import write_section
 
         write_section("parity", "Quality parity of the fast path (`python benchmarks/parity.py --write`)", table)

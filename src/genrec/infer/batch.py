@@ -120,23 +120,22 @@ class _Writer:
                 self.file.write(json.dumps({"user": user, "items": r.items, "scores": [round(s, 6) for s in r.scores],
                                             "unknown": r.unknown, "fallback": r.fallback}) + "\n")
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        items = [r.items for r in recs] if self.integer_ids else [[str(i) for i in r.items] for r in recs]
-        table = pa.table({"user": pa.array([None if u is None else str(u) for u in users], pa.string()),
-                          "items": pa.array(items, self._item_type()),
-                          "scores": pa.array([r.scores for r in recs], pa.list_(pa.float32())),
-                          "unknown": pa.array([r.unknown for r in recs], pa.int32()),
-                          "fallback": pa.array([r.fallback for r in recs], pa.bool_())})
+        table = self._table(users, recs)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table)
 
-    def _item_type(self):
+    def _table(self, users: list, recs: list):
         import pyarrow as pa
 
-        return pa.list_(pa.int64() if self.integer_ids else pa.string())
+        items = [r.items for r in recs] if self.integer_ids else [[str(i) for i in r.items] for r in recs]
+        return pa.table({"user": pa.array([None if u is None else str(u) for u in users], pa.string()),
+                         "items": pa.array(items, pa.list_(pa.int64() if self.integer_ids else pa.string())),
+                         "scores": pa.array([r.scores for r in recs], pa.list_(pa.float32())),
+                         "unknown": pa.array([r.unknown for r in recs], pa.int32()),
+                         "fallback": pa.array([r.fallback for r in recs], pa.bool_())})
 
     def close(self) -> None:
         if self.file is not None:
@@ -144,14 +143,9 @@ class _Writer:
         elif self.writer is not None:
             self.writer.close()
         else:  # an empty input still gives a valid (empty) Parquet file
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({"user": pa.array([], pa.string()), "items": pa.array([], self._item_type()),
-                                     "scores": pa.array([], pa.list_(pa.float32())),
-                                     "unknown": pa.array([], pa.int32()), "fallback": pa.array([], pa.bool_())}),
-                           self.path)
-
+            pq.write_table(self._table([], []), self.path)
 
 def recommend_file(recommender: Recommender, input_path: str | Path, output_path: str | Path, k: int = 10,
                    exclude_seen: bool = True, batch_size: int = 256, overwrite: bool = False,

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, dropout
+from genrec.models.layers import Dropout, check_length, dropout
 
 
 @dataclass
@@ -118,8 +118,7 @@ class BERT4Rec(nn.Module):
     def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Bidirectional encoding of right-padded ``items`` (B, L) -> (B, L, D); padding rows are zero."""
         B, L = items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"sequence length {L} exceeds model.max_len={self.cfg.max_len}")
+        check_length(L, self.cfg.max_len, "sequence")
         real = torch.arange(L, device=items.device)[None, :] < lengths[:, None]  # (B, L)
         key_bias = torch.zeros(B, 1, 1, L, device=items.device).masked_fill_(~real[:, None, None, :], float("-inf"))
         x = self.item_embedding(items) + self.position_embedding(torch.arange(L, device=items.device))[None]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout
+from genrec.models.layers import Dropout, check_length
 
 
 @dataclass
@@ -50,8 +50,7 @@ class GRU4Rec(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         B, L = batch.items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        check_length(L, self.cfg.max_len)
         x = self.dropout(self.item_embedding(batch.items))  # (B, L, D)
         h, _ = self.gru(x)  # (B, L, hidden)
         return self.out(h) * batch.padding_mask.unsqueeze(-1)  # (B, L, D)

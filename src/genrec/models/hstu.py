@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens
+from genrec.models.layers import Dropout, Tokens, check_length
 
 
 @dataclass
@@ -397,10 +397,10 @@ class HSTU(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        B, L = batch.items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+    def _inputs(self, batch: Batch) -> tuple[Tokens, torch.Tensor, torch.Tensor | None]:
+        """(tokens, x (N, D) embedded and dropped out, time buckets (B, L, L) or None)."""
+        L = batch.items.shape[1]
+        check_length(L, self.cfg.max_len)
         tokens = Tokens(batch.padding_mask)
         x = self.item_embedding(batch.items) * math.sqrt(self.cfg.dim)  # (B, L, D)
         x = tokens.pack(x + self.position_embedding(torch.arange(L, device=x.device))[None])  # (N, D)
@@ -409,6 +409,10 @@ class HSTU(nn.Module):
         if self.cfg.relative_bias == "position_time" and batch.timestamps is not None:
             query_time = batch.query_time if batch.query_time is not None else batch.timestamps
             buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
+        return tokens, x, buckets
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        tokens, x, buckets = self._inputs(batch)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:  # recompute the layer in backward: O(L) memory per layer
                 x = tokens.mask(checkpoint(layer, x, tokens, batch.lengths, buckets, use_reentrant=False))
@@ -421,18 +425,9 @@ class HSTU(nn.Module):
     def next_item_queries(self, batch: Batch) -> torch.Tensor:
         """(B, D): ``forward(batch)`` at each row's last event, computing only that row in the final layer
         (evaluation and recommendation need nothing else; 1 / num_blocks of the attention saved)."""
-        B, L = batch.items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
         if int(batch.lengths.min()) < 1:
             raise ValueError("next_item_queries needs at least one event per history")
-        tokens = Tokens(batch.padding_mask)
-        x = self.item_embedding(batch.items) * math.sqrt(self.cfg.dim)
-        x = tokens.mask(self.dropout(tokens.pack(x + self.position_embedding(torch.arange(L, device=x.device))[None])))
-        buckets = None
-        if self.cfg.relative_bias == "position_time" and batch.timestamps is not None:
-            query_time = batch.query_time if batch.query_time is not None else batch.timestamps
-            buckets = time_buckets(query_time, batch.timestamps, self.cfg.num_time_buckets, self.cfg.time_log_base)
+        tokens, x, buckets = self._inputs(batch)
         for layer in self.layers[:-1]:
             x = tokens.mask(layer(x, tokens, batch.lengths, buckets))
         x = self.layers[-1].forward_last(x, tokens, batch.lengths, buckets)  # (B, D)

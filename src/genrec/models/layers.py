@@ -127,6 +127,12 @@ class Tokens:
         return t if self.packed else t * self.keep.to(t.dtype)
 
 
+def check_length(L: int, max_len: int, what: str = "history") -> None:
+    """Every model's input check: more positions than the model was built for is an error."""
+    if L > max_len:
+        raise ValueError(f"{what} length {L} exceeds model.max_len={max_len}")
+
+
 def length_groups(lengths: torch.Tensor, group: int = 16):
     """(rows, m): the batch's rows, longest first, in groups of ``group``, with the group's longest length.
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout
+from genrec.models.layers import Dropout, check_length
 
 
 @dataclass
@@ -185,8 +185,7 @@ class Mamba4Rec(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         B, L = batch.items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        check_length(L, self.cfg.max_len)
         mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
         x = self.input_norm(self.dropout(self.item_embedding(batch.items)))
         for block in self.blocks:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens, dropout, length_groups
+from genrec.models.layers import Dropout, Tokens, check_length, dropout, length_groups
 
 
 @dataclass
@@ -142,8 +142,7 @@ class SASRec(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         items = batch.items
         B, L = items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"history length {L} exceeds model.max_len={self.cfg.max_len}")
+        check_length(L, self.cfg.max_len)
         tokens = Tokens(batch.padding_mask)
         x = self.item_embedding(items)  # (B, L, D)
         if self.cfg.scale_embeddings:
