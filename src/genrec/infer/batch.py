@@ -163,7 +163,6 @@ def recommend_file(recommender: Recommender, input_path: str | Path, output_path
         raise ValueError(f"batch size must be positive, got {batch_size}")
     tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
     counts = {"users": 0, "unknown_ids": 0, "fallbacks": 0}
-    recommender.batch_size = batch_size  # forward passes of batch_size users, sorted by length within a read
     writer = _Writer(tmp, fmt, bool(recommender.vocab.is_integer))
     try:
         with tqdm(desc="recommend", unit=" users", disable=not progress) as bar:
@@ -174,8 +173,8 @@ def recommend_file(recommender: Recommender, input_path: str | Path, output_path
                 have_times = all(t is not None for t in timed)
                 if not have_times and any(t is not None for t in timed):
                     raise ValueError(f"{input_path}: give timestamps for every row or for none")
-                recs = recommender.recommend(histories, k=k, exclude_seen=exclude_seen,
-                                             timestamps=timed if have_times and timed else None)
+                recs = recommender.recommend(histories, k=k, exclude_seen=exclude_seen,  # sorted by length inside
+                                             timestamps=timed if have_times and timed else None, batch_size=batch_size)
                 writer.write(users, recs)
                 counts["users"] += len(batch)
                 counts["unknown_ids"] += sum(r.unknown for r in recs)

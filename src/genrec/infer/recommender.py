@@ -45,7 +45,6 @@ class Recommender:
         self.model, self.scorer, self.vocab, self.max_len = model.eval(), scorer, vocab, max_len
         self.config = config or {}
         self.item_counts = item_counts
-        self.batch_size = 256  # histories per forward pass inside recommend()
         with torch.no_grad():
             self.item_table = scorer.items(model.item_vectors()).detach()  # (I + 1, D)
 
@@ -92,10 +91,13 @@ class Recommender:
             return self.scorer.queries(next_item_queries(self.model, batch))
 
     def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool = True,
-                  timestamps: list[list[int]] | None = None,
-                  query_time: int | list[int] | None = None) -> list[Recommendation]:
+                  timestamps: list[list[int]] | None = None, query_time: int | list[int] | None = None,
+                  batch_size: int = 256) -> list[Recommendation]:
+        """Top-``k`` raw item ids per history; ``batch_size`` histories per forward pass."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if timestamps is not None:
             if len(timestamps) != len(histories) or any(len(t) != len(h) for t, h in zip(timestamps, histories)):
                 raise ValueError("timestamps must give one time per history item")
@@ -118,8 +120,8 @@ class Recommender:
         out: list[Recommendation | None] = [None] * len(histories)
         # batched internally: rows sorted by (window) length, so each forward pass pads little
         rows = sorted((i for i, d in enumerate(dense) if len(d)), key=lambda i: min(len(dense[i]), self.max_len))
-        for s in range(0, len(rows), self.batch_size):
-            chunk = rows[s:s + self.batch_size]
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
             q = self.encode([dense[i] for i in chunk], [keep_ts[i] for i in chunk] if timestamps is not None else None,
                             query_time[chunk] if timestamps is not None else None)
             scores = q @ self.item_table.T  # (B, I + 1)
