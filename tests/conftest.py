@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from genrec.data.ingest import build_store
+from genrec.config import load_config
 from genrec.data.synthetic import PRESETS, generate
+from genrec.train.trainer import train
 
 
 # The tensors here are tiny: one thread avoids OpenMP synchronisation costs on a busy machine (10x faster).
@@ -41,3 +43,18 @@ def _store_from_sequences(sequences, with_time: bool = True):
 @pytest.fixture
 def store_from_sequences():
     return _store_from_sequences
+
+
+@pytest.fixture(scope="session")
+def hstu_run(tiny_data_dir, tmp_path_factory):
+    """A tiny trained HSTU run with the time bias (for the Recommender, the batch CLI, the server)."""
+    cfg = load_config(base={
+        "data": {"path": str(tiny_data_dir), "max_len": 12},
+        "model": {"name": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8},
+        "loss": {"num_negatives": 16},
+        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+        "eval": {"ks": [10]},
+    })
+    run = tmp_path_factory.mktemp("rec") / "hstu"
+    train(cfg, run, echo=lambda *a, **k: None)
+    return run

@@ -6,27 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.config import load_config
 from genrec.data.batches import eval_batch
 from genrec.data.split import leave_one_out
 from genrec.data.store import SequenceStore
 from genrec.eval.ranking import last_hidden
 from genrec.infer.recommender import Recommender
-from genrec.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def hstu_run(tiny_data_dir, tmp_path_factory):
-    cfg = load_config(base={
-        "data": {"path": str(tiny_data_dir), "max_len": 12},
-        "model": {"name": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8},
-        "loss": {"num_negatives": 16},
-        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
-        "eval": {"ks": [10]},
-    })
-    run = tmp_path_factory.mktemp("rec") / "hstu"
-    train(cfg, run, echo=lambda *a, **k: None)
-    return run
 
 
 def test_queries_equal_evaluation_queries(hstu_run, tiny_data_dir):
@@ -70,6 +54,38 @@ def test_recommend_raw_ids_exclusion_and_fallback(hstu_run, tiny_data_dir):
         rec.recommend([items], timestamps=[times[:-1]])
     with pytest.raises(ValueError, match="k must be positive"):
         rec.recommend([items], k=0)
+
+
+def test_recommend_candidates_and_per_row_options(hstu_run, tiny_data_dir):
+    """Candidates restrict the full ranking (same order, same scores); options can differ per history."""
+    store = SequenceStore.load(tiny_data_dir)
+    rec = Recommender.load(hstu_run)
+    items = store.item_vocab.to_raw(store.user_items(0)).tolist()
+    times = np.asarray(store.timestamps[store.offsets[0]:store.offsets[1]]).tolist()
+    opts = dict(timestamps=[times], query_time=times[-1] + 60)
+    (full,) = rec.recommend([items], k=len(rec.vocab), exclude_seen=False, **opts)
+    cands = full.items[::3][:7] + [items[0], "no-such-item"]
+    (r,) = rec.recommend([items], k=5, exclude_seen=False, candidates=[cands], **opts)
+    want = [x for x in full.items if x in set(cands)][:5]
+    assert r.items == want and r.unknown_candidates == 1
+    np.testing.assert_allclose(r.scores, [full.scores[full.items.index(x)] for x in want], rtol=1e-6)
+    # one call, different options per row == separate calls
+    two = rec.recommend([items, items], k=20, exclude_seen=[True, False], candidates=[None, cands],
+                        timestamps=[times, times], query_time=[times[-1] + 60, times[-1] + 60])
+    for got, want in zip(two, [rec.recommend([items], k=20, **opts)[0],
+                               rec.recommend([items], k=20, exclude_seen=False, candidates=[cands], **opts)[0]]):
+        assert got.items == want.items and got.unknown_candidates == want.unknown_candidates
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    assert len(two[1].items) == 8  # only the 8 known candidates exist
+    # excluding the history removes the seen candidate
+    (ex,) = rec.recommend([items], k=20, candidates=[cands], **opts)
+    assert items[0] not in ex.items and len(ex.items) == len(set(cands) - {"no-such-item"} - set(items))
+    # an empty history falls back to popularity among the candidates
+    (pop,) = rec.recommend([[]], k=3, candidates=[cands], timestamps=[[]])
+    counts = {x: float(rec.item_counts[d]) for x, d in zip(cands[:-1], rec.vocab.to_dense(cands[:-1]))}
+    assert pop.fallback and pop.items == sorted(counts, key=lambda x: -counts[x])[:3]
+    with pytest.raises(ValueError, match="one entry"):
+        rec.recommend([items, items], candidates=[cands])
 
 
 # ----------------------------------------------------------------------------------------------

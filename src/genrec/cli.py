@@ -266,6 +266,39 @@ def recommend(run_dir, history, input_path, output_path, k, timestamps, query_ti
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind (no authentication: keep the default unless a proxy guards the service)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--checkpoint", default="best.pt", show_default=True, help="checkpoint file in RUN_DIR")
+@click.option("--threads", default=0, show_default=True, help="PyTorch threads (0: PyTorch's default)")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
+              help="most requests per forward pass (micro-batching)")
+@click.option("--max-history", default=10_000, show_default=True, type=click.IntRange(1),
+              help="longest history accepted (longer: 422); the model reads its last max_len items")
+@click.option("--max-k", default=1000, show_default=True, type=click.IntRange(1), help="largest k accepted")
+@click.option("--access-log", is_flag=True, help="log every request")
+def serve(run_dir, host, port, checkpoint, threads, max_batch, max_history, max_k, access_log):
+    """Serve a trained run over HTTP: POST /recommend, GET /healthz, GET /metadata, docs at /docs.
+
+    \b
+    genrec serve runs/hstu --port 8000
+    curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{"history": [1193, 661], "k": 5}'
+
+    Needs the optional extra: pip install 'genrec[serve]'.
+    """
+    try:
+        from genrec.infer.server import serve as run_server
+    except ImportError as e:
+        _fail(e)
+    try:
+        run_server(run_dir, host=host, port=port, checkpoint=checkpoint, threads=threads, access_log=access_log,
+                   max_batch=max_batch, max_history=max_history, max_k=max_k)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="directory for the data and the runs")
 @click.option("--epochs", default=None, type=int, help="override the preset's epochs (quicker look)")

@@ -37,6 +37,7 @@ class Recommendation:
     scores: list[float]
     unknown: int = 0  # history items that were not in the vocabulary (dropped)
     fallback: bool = False  # True when the popularity fallback was used
+    unknown_candidates: int = 0  # candidate ids that were not in the vocabulary (dropped)
 
 
 class Recommender:
@@ -90,61 +91,100 @@ class Recommender:
         with torch.no_grad():
             return self.scorer.queries(next_item_queries(self.model, batch))
 
-    def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool = True,
-                  timestamps: list[list[int]] | None = None, query_time: int | list[int] | None = None,
-                  batch_size: int = 256) -> list[Recommendation]:
-        """Top-``k`` raw item ids per history; ``batch_size`` histories per forward pass."""
+    def recommend(self, histories: list[list], k: int = 10, exclude_seen: bool | list[bool] = True,
+                  candidates: list[list | None] | None = None, timestamps: list[list[int]] | None = None,
+                  query_time: int | list[int] | None = None, batch_size: int = 256) -> list[Recommendation]:
+        """Top-``k`` raw item ids per history; ``batch_size`` histories per forward pass.
+
+        ``exclude_seen`` and ``query_time`` take one value for all histories or one per history.
+        ``candidates`` restricts the ranking: one entry per history, ``None`` (all items) or a list of raw
+        item ids (unknown candidates are dropped and counted in ``unknown_candidates``).
+        """
+        n = len(histories)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (n,))
+        if candidates is not None and len(candidates) != n:
+            raise ValueError(f"candidates must have one entry (a list of item ids or None) per history: "
+                             f"{len(candidates)} for {n} histories")
         if timestamps is not None:
-            if len(timestamps) != len(histories) or any(len(t) != len(h) for t, h in zip(timestamps, histories)):
+            if len(timestamps) != n or any(len(t) != len(h) for t, h in zip(timestamps, histories)):
                 raise ValueError("timestamps must give one time per history item")
             now = int(time.time()) if query_time is None else query_time
-            query_time = np.broadcast_to(np.asarray(now, dtype=np.int64), (len(histories),))
+            query_time = np.broadcast_to(np.asarray(now, dtype=np.int64), (n,))
         elif self.uses_time:
             warnings.warn("this model was trained with a time bias; without timestamps it uses positions only "
                           "(pass timestamps= and query_time= for the scores it was evaluated with)", stacklevel=2)
         k = min(k, len(self.vocab))
-        sizes = [len(h) for h in histories]
-        flat = [x for h in histories for x in h]  # one vocabulary lookup for every history
-        all_dense = self.vocab.to_dense(flat) if flat else np.zeros(0, dtype=np.int64)
-        dense, unknown, keep_ts = [], [], []
-        for i, d in enumerate(np.split(all_dense, np.cumsum(sizes)[:-1]) if histories else []):
-            known = d > 0
-            dense.append(d[known])
-            unknown.append(int(len(d) - known.sum()))
-            if timestamps is not None:
-                keep_ts.append(np.asarray(timestamps[i], dtype=np.int64)[known])
-        out: list[Recommendation | None] = [None] * len(histories)
+        dense, unknown, known = self._lookup(histories)
+        keep_ts = None
+        if timestamps is not None:
+            keep_ts = [np.asarray(t, dtype=np.int64)[m] for t, m in zip(timestamps, known)]
+        cands, unknown_cands = [None] * n, [0] * n
+        if candidates is not None:
+            given = [i for i in range(n) if candidates[i] is not None]
+            for i, d in zip(given, self._lookup([candidates[i] for i in given])[0]):
+                cands[i] = np.unique(d)
+                unknown_cands[i] = len(candidates[i]) - len(d)
+        out: list[Recommendation | None] = [None] * n
         # batched internally: rows sorted by (window) length, so each forward pass pads little
         rows = sorted((i for i, d in enumerate(dense) if len(d)), key=lambda i: min(len(dense[i]), self.max_len))
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            q = self.encode([dense[i] for i in chunk], [keep_ts[i] for i in chunk] if timestamps is not None else None,
-                            query_time[chunk] if timestamps is not None else None)
+            q = self.encode([dense[i] for i in chunk], [keep_ts[i] for i in chunk] if keep_ts is not None else None,
+                            query_time[chunk] if keep_ts is not None else None)
             scores = q @ self.item_table.T  # (B, I + 1)
-            scores[:, 0] = -torch.inf
-            if exclude_seen:  # all rows at once: -inf at every (row, history item)
-                seen_rows = np.repeat(np.arange(len(chunk)), [len(dense[i]) for i in chunk])
-                seen_items = np.concatenate([dense[i] for i in chunk])
-                scores[torch.from_numpy(seen_rows), torch.from_numpy(seen_items)] = -torch.inf
+            self._mask(scores, [dense[i] if exclude[i] else None for i in chunk], [cands[i] for i in chunk])
             top = torch.topk(scores, k, dim=1)
             finite = torch.isfinite(top.values).sum(dim=1).tolist()  # fewer than k left after the exclusions
             raw = self.vocab.to_raw(top.indices.numpy().reshape(-1)).reshape(len(chunk), k).tolist()
             values = top.values.tolist()
             for j, i in enumerate(chunk):
-                out[i] = Recommendation(raw[j][:finite[j]], values[j][:finite[j]], unknown[i])
-        for i in range(len(histories)):
+                out[i] = Recommendation(raw[j][:finite[j]], values[j][:finite[j]], unknown[i],
+                                        unknown_candidates=unknown_cands[i])
+        for i in range(n):
             if out[i] is None:
-                out[i] = self._popular(k, unknown[i])
+                out[i] = self._popular(k, unknown[i], cands[i], unknown_cands[i])
         return out
 
-    def _popular(self, k: int, unknown: int) -> Recommendation:
+    def _lookup(self, lists: list[list]) -> tuple[list[np.ndarray], list[int], list[np.ndarray]]:
+        """Raw id lists -> per list: its known dense ids, its number of unknown ids, its known mask.
+
+        One vocabulary lookup for all lists.
+        """
+        sizes = [len(h) for h in lists]
+        flat = [x for h in lists for x in h]
+        all_dense = self.vocab.to_dense(flat) if flat else np.zeros(0, dtype=np.int64)
+        parts = np.split(all_dense, np.cumsum(sizes)[:-1]) if lists else []
+        known = [d > 0 for d in parts]
+        return [d[m] for d, m in zip(parts, known)], [int(len(d) - m.sum()) for d, m in zip(parts, known)], known
+
+    @staticmethod
+    def _mask(scores: torch.Tensor, seen: list[np.ndarray | None], cands: list[np.ndarray | None]) -> None:
+        """-inf at padding, at each row's excluded history items and outside each row's candidates."""
+        scores[:, 0] = -torch.inf
+
+        def cells(lists):
+            rows = np.repeat(np.arange(len(lists)), [0 if x is None else len(x) for x in lists])
+            cols = np.concatenate([x for x in lists if x is not None] or [np.zeros(0, dtype=np.int64)])
+            return torch.from_numpy(rows), torch.from_numpy(cols)
+
+        if any(c is not None for c in cands):
+            allowed = torch.zeros_like(scores, dtype=torch.bool)
+            allowed[[j for j, c in enumerate(cands) if c is None]] = True
+            allowed[cells(cands)] = True
+            scores.masked_fill_(~allowed, -torch.inf)
+        if any(x is not None for x in seen):
+            scores[cells(seen)] = -torch.inf
+
+    def _popular(self, k: int, unknown: int, cands: np.ndarray | None = None, unknown_cands: int = 0) -> Recommendation:
         if self.item_counts is None:
             raise ValueError("empty history and no popularity counts in this checkpoint")
         counts = self.item_counts.clone().float()
-        counts[0] = -1
+        self._mask(counts[None], [None], [cands])
         top = torch.topk(counts, k)
-        return Recommendation(self.vocab.to_raw(top.indices.numpy()).tolist(), top.values.tolist(), unknown, True)
+        n = int(torch.isfinite(top.values).sum())
+        return Recommendation(self.vocab.to_raw(top.indices[:n].numpy()).tolist(), top.values[:n].tolist(), unknown,
+                              True, unknown_cands)

@@ -1,0 +1,216 @@
+"""HTTP service: ``genrec serve RUN_DIR`` -> POST /recommend, GET /healthz, GET /metadata, /docs.
+
+    genrec serve runs/hstu                       # http://127.0.0.1:8000, docs at /docs
+    curl -s localhost:8000/recommend -H 'content-type: application/json' \\
+         -d '{"history": [1193, 661, 914], "k": 10}'
+
+Requests are validated before they reach the model: bad JSON, wrong types, unknown fields, k out of
+range and histories or candidate lists over the limits get a 4xx with a message saying what to fix
+(422 for a body that does not fit the schema, 413 for a body over ``max_body_bytes``); only a bug is a
+5xx. Concurrent requests are micro-batched: one worker thread runs the model, and every request that
+arrived while it was busy goes into the next forward pass (no added wait when the service is idle, so
+a single request pays one batch-of-one forward pass). The event loop keeps parsing requests while the
+model runs: PyTorch releases the GIL in its kernels.
+
+The service binds to 127.0.0.1 unless ``--host`` says otherwise: it has no authentication.
+Needs the optional extra: ``pip install 'genrec[serve]'`` (FastAPI, uvicorn).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request model from the live annotation
+import asyncio
+import json
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Union
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the HTTP service needs FastAPI and uvicorn: pip install 'genrec[serve]'") from e
+
+from genrec.infer.recommender import Recommendation, Recommender
+
+ItemId = Union[StrictInt, StrictStr]
+
+
+class Recommended(BaseModel):
+    items: list[ItemId] = Field(description="raw item ids, best first")
+    scores: list[float] = Field(description="model scores (popularity counts when fallback is true)")
+    unknown: int = Field(description="history item ids not in the model's vocabulary (ignored)")
+    unknown_candidates: int = Field(description="candidate ids not in the model's vocabulary (ignored)")
+    fallback: bool = Field(description="true when the history had no known item: most popular items")
+
+
+def request_model(max_history: int, max_k: int, max_candidates: int) -> type[BaseModel]:
+    """The POST /recommend body, with this service's limits."""
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"history": [1193, 661, 914],
+                                                                                   "k": 10}]})
+        history: list[ItemId] = Field(max_length=max_history,
+                                      description="raw item ids, oldest first (unknown ids are ignored)")
+        timestamps: list[StrictInt] | None = Field(None, description="unix seconds of each history item "
+                                                                     "(models with a time bias)")
+        query_time: StrictInt | None = Field(None, description="unix time to recommend for (default: now)")
+        k: StrictInt = Field(10, ge=1, le=max_k, description="number of items to return")
+        exclude_seen: StrictBool = Field(True, description="leave out the items of the history")
+        candidates: list[ItemId] | None = Field(None, min_length=1, max_length=max_candidates,
+                                                description="rank only these raw item ids")
+
+        @model_validator(mode="after")
+        def _times_match(self):
+            if self.timestamps is not None and len(self.timestamps) != len(self.history):
+                raise ValueError(f"timestamps must give one time per history item: {len(self.timestamps)} "
+                                 f"times for {len(self.history)} items")
+            if self.query_time is not None and self.timestamps is None:
+                raise ValueError("query_time needs timestamps for the history")
+            return self
+
+    return RecommendRequest
+
+
+class MicroBatcher:
+    """Queue of pending requests -> one ``Recommender.recommend`` call per batch, in one worker thread."""
+
+    def __init__(self, recommender: Recommender, max_batch: int = 64, max_queue: int = 4096):
+        self.recommender, self.max_batch = recommender, max_batch
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="genrec-model")
+        self.batches = self.requests = 0
+
+    async def submit(self, request) -> Recommendation:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((request, future))  # asyncio.QueueFull when overloaded -> 503
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            batch = [(r, f) for r, f in batch if not f.cancelled()]  # client went away
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.pool, self.score, [r for r, _ in batch])
+            except Exception as e:  # a bug: every request of the batch gets a 500
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            self.batches += 1
+            self.requests += len(batch)
+            for (_, f), res in zip(batch, results):
+                if not f.done():
+                    f.set_result(res)
+
+    def score(self, requests: list) -> list[Recommendation]:
+        """One model call for requests without timestamps, one for those with them."""
+        out: list[Recommendation | None] = [None] * len(requests)
+        now = int(time.time())
+        for timed in (False, True):
+            idx = [i for i, r in enumerate(requests) if (r.timestamps is not None) == timed]
+            if not idx:
+                continue
+            rs = [requests[i] for i in idx]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the time-bias note: /metadata says whether timestamps matter
+                recs = self.recommender.recommend(
+                    [r.history for r in rs], k=max(r.k for r in rs), exclude_seen=[r.exclude_seen for r in rs],
+                    candidates=[r.candidates for r in rs] if any(r.candidates for r in rs) else None,
+                    timestamps=[r.timestamps for r in rs] if timed else None,
+                    query_time=[now if r.query_time is None else r.query_time for r in rs] if timed else None,
+                    batch_size=max(len(rs), 1))
+            for i, r, rec in zip(idx, rs, recs):
+                rec.items, rec.scores = rec.items[:r.k], rec.scores[:r.k]
+                out[i] = rec
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_metadata(run_dir: str | Path, recommender: Recommender) -> dict:
+    """What GET /metadata returns: the model, its data, the evaluation protocol and test metrics."""
+    cfg = recommender.config
+    meta = {"run_dir": str(run_dir), "model": cfg.get("model", {}).get("name"),
+            "dataset": cfg.get("data", {}).get("path"), "items": len(recommender.vocab),
+            "max_len": recommender.max_len, "uses_timestamps": recommender.uses_time, "model_config": cfg.get("model")}
+    report = Path(run_dir) / "report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        meta.update(protocol=r.get("protocol"), best_epoch=r.get("best_epoch"), test_metrics=r.get("test"))
+    return meta
+
+
+def create_app(recommender: Recommender, metadata: dict | None = None, *, max_batch: int = 64,
+               max_history: int = 10_000, max_k: int = 1000, max_candidates: int = 100_000,
+               max_body_bytes: int = 4 << 20, max_queue: int = 4096) -> FastAPI:
+    """The FastAPI application around one loaded Recommender (``genrec serve`` runs it with uvicorn)."""
+    Body = request_model(max_history, min(max_k, len(recommender.vocab)), max_candidates)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = batcher = MicroBatcher(recommender, max_batch=max_batch, max_queue=max_queue)
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        batcher.close()
+
+    app = FastAPI(title="genrec", version="1", lifespan=lifespan,
+                  description="Top-K recommendations for raw item histories from a trained genrec run.")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+            return JSONResponse({"detail": f"request body over the limit of {max_body_bytes:,} bytes: send a "
+                                           f"shorter history (at most {max_history:,} items)"}, status_code=413)
+        return await call_next(request)
+
+    @app.post("/recommend", response_model=Recommended,
+              responses={413: {"description": "body too large"}, 503: {"description": "overloaded, retry"}})
+    async def recommend(body: Body):  # type: ignore[valid-type]
+        try:
+            rec = await state["batcher"].submit(body)
+        except asyncio.QueueFull:
+            return JSONResponse({"detail": "too many pending requests: retry shortly"}, status_code=503)
+        return Recommended(items=rec.items, scores=rec.scores, unknown=rec.unknown,
+                           unknown_candidates=rec.unknown_candidates, fallback=rec.fallback)
+
+    @app.get("/healthz")
+    async def healthz():
+        b = state.get("batcher")
+        return {"status": "ok", "pending": b.queue.qsize() if b else 0,
+                "batches": b.batches if b else 0, "requests": b.requests if b else 0}
+
+    meta = dict(metadata or {})
+    meta.setdefault("limits", {"max_history": max_history, "max_k": min(max_k, len(recommender.vocab)),
+                               "max_candidates": max_candidates, "max_body_bytes": max_body_bytes,
+                               "max_batch": max_batch})
+
+    @app.get("/metadata")
+    async def metadata_():
+        return meta
+
+    return app
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best.pt",
+          threads: int | None = None, access_log: bool = False, **limits) -> None:
+    """Load a run and serve it until interrupted (``genrec serve``)."""
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+    rec = Recommender.load(run_dir, checkpoint=checkpoint)
+    app = create_app(rec, run_metadata(run_dir, rec), **limits)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
