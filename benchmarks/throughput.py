@@ -149,6 +149,9 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.one:
+        from genrec.system import tune_allocator
+
+        tune_allocator()  # as every genrec command does; both paths get it (GENREC_MALLOC=default: off)
         print(json.dumps(measure_one(args.one[0], args.one[1], args.data, args.steps, args.threads, args.window)))
         return
     torch.set_num_threads(args.threads)

@@ -39,6 +39,9 @@ def main() -> None:
     `genrec evaluate` and `genrec recommend` the run directory. `genrec demo` does it all on
     built-in synthetic data.
     """
+    from genrec.system import tune_allocator
+
+    tune_allocator()  # large tensors reuse heap memory instead of page-faulting fresh mmaps (genrec/system.py)
 
 
 # ----------------------------------------------------------------------------------------------
