@@ -270,6 +270,32 @@ def recommend(run_dir, history, input_path, output_path, k, timestamps, query_ti
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default="best.pt", show_default=True, help="checkpoint file in RUN_DIR")
+@click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1),
+              help="largest batch the program accepts")
+@click.option("--overwrite", is_flag=True, help="replace an existing OUT directory")
+def export(run_dir, out, checkpoint, max_batch, overwrite):
+    """Write the user encoder as a torch.export program (dynamic batch and length) into OUT, with the
+    item table and the item ids: a process with only PyTorch can then compute recommendations.
+
+    \b
+    genrec export runs/hstu exported/hstu
+    python -c "import torch; p = torch.export.load('exported/hstu/encoder.pt2').module()"
+    """
+    from genrec.infer.export import export_run
+
+    try:
+        info = export_run(run_dir, out, checkpoint=checkpoint, max_batch=max_batch, overwrite=overwrite)
+    except (FileExistsError, *USER_ERRORS) as e:
+        _fail(e)
+    click.echo(f"wrote {out}/encoder.pt2 ({info['model']}; inputs {', '.join(info['inputs'])}; batch <= "
+               f"{max_batch}, length <= {info['max_len']}), items.pt ({info['num_items']:,} items x {info['dim']}), "
+               f"item_ids.json, export.json")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind (no authentication: keep the default unless a proxy guards the service)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens, check_length
+from genrec.models.layers import Dropout, Tokens, check_length, is_static
 
 
 @dataclass
@@ -271,6 +271,8 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     dv = v.shape[-1]
     if bias is not None:
         bias = bias.to(q.dtype)
+    if is_static():
+        return _dense_silu_attention(q, k, v, bias)
     row_len = order = None
     if lengths is not None and B > 1:
         sorted_len, order = torch.sort(lengths.clamp(min=1, max=L), descending=True, stable=True)
@@ -290,6 +292,17 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     return out.transpose(1, 2)  # (B, L, H, dv)
 
 
+def _dense_silu_attention(q, k, v, bias) -> torch.Tensor:
+    """The same function on full (B, H, L, L) scores: no loop over tiles, no data-dependent shapes
+    (the traceable path for ``torch.export``; slower)."""
+    L = q.shape[1]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)
+    if bias is not None:
+        scores = scores + bias[:, None]
+    weights = F.silu(scores) * torch.ones(L, L, dtype=q.dtype, device=q.device).tril()
+    return torch.einsum("bhij,bjhd->bihd", weights, v)
+
+
 class RelativeBias(nn.Module):
     """rab_p(j - i) + rab_t(bucket(t_{i+1} - t_j)): learned scalars shared by the heads of one layer."""
 
@@ -301,7 +314,12 @@ class RelativeBias(nn.Module):
         self.num_buckets, self.base = num_buckets, base
 
     def forward(self, L: int, buckets: torch.Tensor | None) -> torch.Tensor:
-        bias = gather_scalars(self.position, _relative_index(L, self.max_len, self.position.device))[None]  # (1, L, L): j - i
+        if is_static():  # traced with a symbolic L: no cache keyed on it
+            idx = torch.arange(L, device=self.position.device)
+            rel = idx[None, :] - idx[:, None] + self.max_len - 1
+        else:
+            rel = _relative_index(L, self.max_len, self.position.device)
+        bias = gather_scalars(self.position, rel)[None]  # (1, L, L): j - i
         if self.time is not None and buckets is not None:
             bias = bias + gather_scalars(self.time, buckets)  # (B, L, L)
         return bias
@@ -441,7 +459,7 @@ class HSTU(nn.Module):
     def next_item_queries(self, batch: Batch) -> torch.Tensor:
         """(B, D): ``forward(batch)`` at each row's last event, computing only that row in the final layer
         (evaluation and recommendation need nothing else; 1 / num_blocks of the attention saved)."""
-        if int(batch.lengths.min()) < 1:
+        if not is_static() and int(batch.lengths.min()) < 1:
             raise ValueError("next_item_queries needs at least one event per history")
         tokens, x, buckets = self._inputs(batch)
         for layer in self.layers[:-1]:

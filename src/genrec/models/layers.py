@@ -11,6 +11,8 @@ fused native dropout is already fast and is used as is. Both draw from the globa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,24 @@ class Dropout(nn.Module):
 
 PACK_BELOW = 0.9  # pack the tokens when real ones are fewer than this share of the (B, L) grid
 
+_STATIC = [False]
+
+
+@contextlib.contextmanager
+def static_shapes():
+    """Inside: no data-dependent shapes (no packing, no length-sorted or jagged attention), so that
+    ``torch.export`` can trace a model with dynamic batch and length. Same outputs at real positions;
+    used by ``genrec export`` (genrec/infer/export.py)."""
+    _STATIC[0] = True
+    try:
+        yield
+    finally:
+        _STATIC[0] = False
+
+
+def is_static() -> bool:
+    return _STATIC[0]
+
 
 class _Pack(torch.autograd.Function):
     """``flat.index_select(0, index)`` for distinct indices: the backward copies the gradient back into
@@ -96,7 +116,7 @@ class Tokens:
     def __init__(self, padding_mask: torch.Tensor):
         self.B, self.L = padding_mask.shape
         flat = padding_mask.reshape(-1)
-        self.packed = int(flat.sum()) < PACK_BELOW * flat.numel()
+        self.packed = not is_static() and int(flat.sum()) < PACK_BELOW * flat.numel()
         self.index = flat.nonzero().squeeze(1) if self.packed else None
         self.keep = None if self.packed else flat[:, None].to(torch.get_default_dtype())
 
