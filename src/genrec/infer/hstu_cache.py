@@ -39,11 +39,13 @@ class HSTUCache:
 
 @torch.no_grad()
 def extend(model: HSTU, cache: HSTUCache | None, items: torch.Tensor, timestamps: torch.Tensor | None = None,
-           query_time: int | None = None) -> tuple[torch.Tensor, HSTUCache]:
+           query_time: int | None = None, final: bool = False) -> tuple[torch.Tensor, HSTUCache]:
     """Append dense item ids ``items`` (n,) (and their ``timestamps``) to the cached history.
 
     ``query_time`` is the time of the event to predict (default: the last new event's time), as in
     evaluation. Returns the scorer-ready next-item hidden state (D,) and the updated cache.
+    ``final=True`` settles the last event too: the caller promises that the next event happens at
+    ``query_time`` (candidate scoring appends its candidates at that time).
     """
     cfg = model.cfg
     if model.training:
@@ -75,7 +77,7 @@ def extend(model: HSTU, cache: HSTUCache | None, items: torch.Tensor, timestamps
         buckets = time_buckets(qt[None], all_times[None], cfg.num_time_buckets, cfg.time_log_base)[0]  # (n, T)
     rel = (torch.arange(T, device=device)[None, :] - pos[:, None]) + cfg.max_len - 1  # (n, T): j - i
     future = torch.arange(T, device=device)[None, :] > pos[:, None]  # (n, T)
-    keep = T - 1 if use_time else T  # with the time bias the last event's output changes with the next time
+    keep = T - 1 if use_time and not final else T  # with the time bias the last event's output changes with the next time
     new_keys, new_values = [], []
     for li, layer in enumerate(model.layers):
         uvqk = layer.in_norm(x) @ layer.uvqk
@@ -103,5 +105,5 @@ def extend(model: HSTU, cache: HSTUCache | None, items: torch.Tensor, timestamps
     out = x[-1]
     if cfg.output_l2_norm:
         out = F.normalize(out, dim=-1, eps=1e-6)
-    pending = items[-1:] if use_time else None
+    pending = items[-1:] if use_time and not final else None
     return out, HSTUCache(new_keys, new_values, all_times, T, pending)

@@ -1,0 +1,92 @@
+"""Candidate scoring in one pass (the HSTU paper's M-FALCON): m candidates for one user, each attending
+to the user's history and to itself only.
+
+Ranking with a sequential model appends a candidate item after the history and reads the model's
+state at the candidate's position. Done one candidate at a time that is m full forward passes over the
+history. Here the history runs once (``extend(..., final=True)`` keeps every layer's keys and values),
+then the candidates go through the layers in micro-batches of ``micro_batch`` as tokens that all sit at
+the same position (right after the history): a candidate's query meets the history's cached keys plus
+its own key, never another candidate's, so its state is exactly what a separate forward over
+``history + [candidate]`` gives (tested), at the cost of the history once plus m single tokens.
+
+The states are what a ranking head scores; ``candidate_states`` returns them. genrec's retrieval
+models rank candidates by a dot product with the next-item query instead (``Recommender.recommend(...,
+candidates=...)``), which needs no candidate tokens; the generative ranking model's heads consume
+these states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from genrec.infer.hstu_cache import extend
+from genrec.models.hstu import HSTU, time_buckets
+
+
+@torch.no_grad()
+def candidate_states(model: HSTU, history: torch.Tensor, candidates: torch.Tensor,
+                     timestamps: torch.Tensor | None = None, query_time: int | None = None,
+                     micro_batch: int = 256) -> torch.Tensor:
+    """(m, D) state of each candidate appended after ``history`` (n,) dense ids, for ``candidates`` (m,).
+
+    With the time bias, ``timestamps`` (n,) are the history's times and ``query_time`` the time the
+    candidates are shown (default: the last event's time); a candidate's own query time is that time.
+    """
+    cfg = model.cfg
+    n, m = int(history.shape[0]), int(candidates.shape[0])
+    if n + 1 > cfg.max_len:
+        raise ValueError(f"history of {n} events + the candidate exceed model.max_len={cfg.max_len}: "
+                         f"keep the last {cfg.max_len - 1} events")
+    if m == 0:
+        return torch.zeros(0, cfg.dim)
+    use_time = cfg.relative_bias == "position_time" and timestamps is not None
+    t_c = None
+    if use_time:
+        t_c = int(timestamps[-1]) if query_time is None else int(query_time)
+    _, cache = extend(model, None, history, timestamps, query_time=t_c, final=True)  # every layer's K/V, n events
+    device = model.item_embedding.weight.device
+    H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+    T = n + 1  # keys a candidate sees: the history and itself, at position n
+    rel = torch.arange(T, device=device) - n + cfg.max_len - 1  # (T,) j - i
+    buckets = None
+    if use_time:
+        times = torch.cat([cache.timestamps, torch.tensor([t_c], dtype=cache.timestamps.dtype)])
+        buckets = time_buckets(torch.tensor([[t_c]]), times[None], cfg.num_time_buckets, cfg.time_log_base)[0, 0]
+    out = []
+    for s in range(0, m, micro_batch):
+        c = candidates[s:s + micro_batch].to(device)
+        b = c.shape[0]
+        x = model.item_embedding(c) * math.sqrt(cfg.dim) + model.position_embedding.weight[n]  # (b, D)
+        for li, layer in enumerate(model.layers):
+            uvqk = layer.in_norm(x) @ layer.uvqk
+            if cfg.silu == "uvqk":
+                uvqk = F.silu(uvqk)
+            u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+            if cfg.silu == "u":
+                u = F.silu(u)
+            q = q.view(b, H, dqk) * ((1.0 / math.sqrt(dqk)) if cfg.attn_scale else 1.0)
+            k, v = k.view(b, H, dqk), v.view(b, H, dv)
+            scores = torch.cat([torch.einsum("bhd,jhd->bhj", q, cache.keys[li]),  # (b, H, n) the history
+                                (q * k).sum(-1, keepdim=True)], dim=-1)  # (b, H, 1) itself
+            if layer.rab is not None:
+                bias = layer.rab.position[rel]
+                if buckets is not None and layer.rab.time is not None:
+                    bias = bias + layer.rab.time[buckets]
+                scores = scores + bias
+            w = F.silu(scores)
+            o = torch.einsum("bhj,jhd->bhd", w[..., :n], cache.values[li]) + w[..., n:] * v  # (b, H, dv)
+            o = o.reshape(b, H * dv)
+            if cfg.attn_norm == "visible":
+                o = o / T
+            elif cfg.attn_norm == "max_len":
+                o = o / cfg.max_len
+            else:
+                raise ValueError("the batch_max normaliser depends on the batch: candidate scoring needs "
+                                 "attn_norm = max_len or visible")
+            o = torch.cat([u, o, u * layer.attn_norm(o)], dim=-1) if cfg.output == "concat" else u * layer.attn_norm(o)
+            x = layer.out(o) + x
+        out.append(F.normalize(x, dim=-1, eps=1e-6) if cfg.output_l2_norm else x)
+    return torch.cat(out)
