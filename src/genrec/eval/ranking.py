@@ -69,9 +69,10 @@ def rank_targets(query_fn, item_table: torch.Tensor, store: SequenceStore, examp
 
     n_items = item_table.shape[0]  # includes padding row 0
     ranks = np.empty(len(examples), dtype=np.int64)
-    # examples sorted by history length: batches of similar lengths carry little padding
+    # examples sorted by history length, longest first: batches of similar lengths carry little padding
+    # (and HSTU's jagged attention needs no row permutation)
     history = np.minimum(examples.target_rows - store.offsets[examples.users], max_len)
-    order = np.argsort(history, kind="stable")
+    order = np.argsort(-history, kind="stable")
     starts = range(0, len(examples), batch_size)
     for s in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
         idx = order[s:s + batch_size]

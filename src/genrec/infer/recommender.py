@@ -129,8 +129,9 @@ class Recommender:
                 cands[i] = np.unique(d)
                 unknown_cands[i] = len(candidates[i]) - len(d)
         out: list[Recommendation | None] = [None] * n
-        # batched internally: rows sorted by (window) length, so each forward pass pads little
-        rows = sorted((i for i, d in enumerate(dense) if len(d)), key=lambda i: min(len(dense[i]), self.max_len))
+        # batched internally: rows sorted by (window) length, longest first, so each forward pass pads
+        # little and HSTU's jagged attention needs no permutation
+        rows = sorted((i for i, d in enumerate(dense) if len(d)), key=lambda i: -min(len(dense[i]), self.max_len))
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
             q = self.encode([dense[i] for i in chunk], [keep_ts[i] for i in chunk] if keep_ts is not None else None,

@@ -275,12 +275,16 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
         return _dense_silu_attention(q, k, v, bias)
     row_len = order = None
     if lengths is not None and B > 1:
-        sorted_len, order = torch.sort(lengths.clamp(min=1, max=L), descending=True, stable=True)
-        row_len = sorted_len.repeat_interleave(H).tolist()
-        inverse = torch.argsort(order)
-        q, k, v = (_PermuteRows.apply(t, order, inverse) for t in (q, k, v))
-        if bias is not None and bias.shape[0] > 1:
-            bias = _PermuteRows.apply(bias, order, inverse)
+        clamped = lengths.clamp(min=1, max=L)
+        if bool((clamped[:-1] >= clamped[1:]).all()):  # already longest first (evaluation, Recommender)
+            row_len = clamped.repeat_interleave(H).tolist()
+        else:
+            sorted_len, order = torch.sort(clamped, descending=True, stable=True)
+            row_len = sorted_len.repeat_interleave(H).tolist()
+            inverse = torch.argsort(order)
+            q, k, v = (_PermuteRows.apply(t, order, inverse) for t in (q, k, v))
+            if bias is not None and bias.shape[0] > 1:
+                bias = _PermuteRows.apply(bias, order, inverse)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qf, kf, vf, bias)):
         out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
