@@ -136,11 +136,13 @@ def health(port: int) -> dict:
         return json.loads(r.read())
 
 
-def start_server(run_dir: Path, port: int, threads: int, max_batch: int) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, threads: int, max_batch: int, workers: int = 1,
+                 compile: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "genrec.cli", "serve", str(run_dir), "--port", str(port),
-           "--threads", str(threads), "--max-batch", str(max_batch)]
+           "--threads", str(threads), "--max-batch", str(max_batch), "--workers", str(workers)]
+    cmd += ["--compile"] if compile else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + (900 if compile else 120)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {proc.stderr.read().decode()}")
@@ -150,7 +152,7 @@ def start_server(run_dir: Path, port: int, threads: int, max_batch: int) -> subp
         except OSError:
             time.sleep(0.3)
     proc.terminate()
-    raise SystemExit("the server did not answer /healthz within 120 s")
+    raise SystemExit("the server did not answer /healthz in time")
 
 
 def table(rows: list[dict], args, meta: dict) -> str:
@@ -158,7 +160,7 @@ def table(rows: list[dict], args, meta: dict) -> str:
              f"{meta.get('max_len')} events); each valid request: a {args.history}-item history from the run's "
              f"dataset, top-{args.k} over all items, history excluded; {args.bad_share:.0%} malformed requests "
              f"mixed in; {args.seconds:.0f} s per row after a 1 s warm-up; server `--threads {args.server_threads} "
-             f"--max-batch {args.max_batch}`; client and server share this machine's {os.cpu_count()} cores.",
+             f"--workers {args.workers} --max-batch {args.max_batch}{' --compile' if args.compile else ''}`; client and server share this machine's {os.cpu_count()} cores.",
              "",
              "| clients | requests/s (valid) | p50 ms | p99 ms | valid errors | malformed -> 4xx | malformed -> 5xx "
              "| connection errors | requests per model call | model ms per request |",
@@ -168,7 +170,8 @@ def table(rows: list[dict], args, meta: dict) -> str:
                      f"| {r['valid_errors']} | {r['bad_4xx']} / {r['bad']} | {r['bad_5xx']} | {r['conn_errors']} "
                      f"| {r['batch']:.1f} | {r['model_ms']:.2f} |")
     lines += ["", f"Command: `python benchmarks/serve_load.py {args.run_dir} --clients {args.clients} "
-                  f"--seconds {args.seconds:g} --bad-share {args.bad_share:g} -k {args.k}`"]
+                  f"--seconds {args.seconds:g} --bad-share {args.bad_share:g} -k {args.k} --server-threads "
+                  f"{args.server_threads} --workers {args.workers}{' --compile' if args.compile else ''}`"]
     return "\n".join(lines)
 
 
@@ -182,6 +185,8 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=200, help="history length of each request")
     ap.add_argument("--server-threads", type=int, default=2, help="PyTorch threads of the server")
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=1, help="model threads of the server")
+    ap.add_argument("--compile", action="store_true", help="genrec serve --compile (compiled one-request encoder)")
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args()
@@ -194,7 +199,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    proc = start_server(args.run_dir, port, args.server_threads, args.max_batch)
+    proc = start_server(args.run_dir, port, args.server_threads, args.max_batch, args.workers, args.compile)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata") as r:
             meta = json.loads(r.read())

@@ -114,3 +114,49 @@ def test_export_errors_and_cli(hstu_run, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="not exportable"):
         export_run(gru, tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+def _user_history(tiny_data_dir, u=0):
+    from genrec.data.store import SequenceStore
+
+    store = SequenceStore.load(tiny_data_dir)
+    items = store.item_vocab.to_raw(store.user_items(u)).tolist()
+    times = np.asarray(store.timestamps[store.offsets[u]:store.offsets[u + 1]]).tolist()
+    return items, times
+
+
+def test_single_history_encoder_is_used_for_lone_histories_only(hstu_run, tiny_data_dir, tmp_path):
+    """Recommender.single_encoder (what `genrec serve --compile` plugs in) answers batches of one history,
+    with the eager results; here it is the exported program, uncompiled (the compiled one: slow test)."""
+    rec = Recommender.load(hstu_run)
+    items, times = _user_history(tiny_data_dir)
+    opts = dict(timestamps=[times], query_time=times[-1] + 60)
+    (want,) = rec.recommend([items], k=10, **opts)
+    export_run(hstu_run, tmp_path / "e")
+    program, calls = torch.export.load(tmp_path / "e" / "encoder.pt2").module(), []
+    rec.single_encoder = lambda *a: calls.append(a) or program(*a)
+    (got,) = rec.recommend([items], k=10, **opts)
+    assert len(calls) == 1 and got.items == want.items
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    rec.recommend([items, items[:5]], k=10, timestamps=[times, times[:5]])  # two histories: eager
+    with pytest.warns(UserWarning, match="time bias"):
+        rec.recommend([items], k=10)  # a time model without timestamps: eager (the program needs them)
+    assert len(calls) == 1
+
+
+@pytest.mark.slow  # an AOTInductor build (C++ compile, about a minute); the test above covers the serving path
+def test_compiled_encoder_equals_eager(hstu_run, tiny_data_dir, tmp_path):
+    import shutil
+
+    from genrec.infer.export import compiled_encoder
+
+    run = tmp_path / "run"
+    shutil.copytree(hstu_run, run)
+    rec = Recommender.load(run)
+    items, times = _user_history(tiny_data_dir)
+    (want,) = rec.recommend([items], k=10, timestamps=[times], query_time=times[-1] + 60)
+    rec.single_encoder = compiled_encoder(run, echo=lambda *a: None)
+    assert len(list((run / "compiled").iterdir())) == 1
+    (got,) = rec.recommend([items], k=10, timestamps=[times], query_time=times[-1] + 60)
+    assert got.items == want.items
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4)

@@ -300,14 +300,19 @@ def export(run_dir, out, checkpoint, max_batch, overwrite):
               help="address to bind (no authentication: keep the default unless a proxy guards the service)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--checkpoint", default="best.pt", show_default=True, help="checkpoint file in RUN_DIR")
-@click.option("--threads", default=0, show_default=True, help="PyTorch threads (0: PyTorch's default)")
+@click.option("--threads", default=0, show_default=True, help="PyTorch threads per model worker (0: PyTorch's default)")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="model threads, each running one batch at a time")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
               help="most requests per forward pass (micro-batching)")
 @click.option("--max-history", default=10_000, show_default=True, type=click.IntRange(1),
               help="longest history accepted (longer: 422); the model reads its last max_len items")
 @click.option("--max-k", default=1000, show_default=True, type=click.IntRange(1), help="largest k accepted")
+@click.option("--compile", "compile_", is_flag=True,
+              help="answer lone requests with an ahead-of-time compiled encoder (built once per checkpoint into "
+                   "RUN_DIR/compiled/, a few minutes; needs a C++ compiler; HSTU and SASRec)")
 @click.option("--access-log", is_flag=True, help="log every request")
-def serve(run_dir, host, port, checkpoint, threads, max_batch, max_history, max_k, access_log):
+def serve(run_dir, host, port, checkpoint, threads, workers, max_batch, max_history, max_k, compile_, access_log):
     """Serve a trained run over HTTP: POST /recommend, GET /healthz, GET /metadata, docs at /docs.
 
     \b
@@ -321,7 +326,8 @@ def serve(run_dir, host, port, checkpoint, threads, max_batch, max_history, max_
     except ImportError as e:
         _fail(e)
     try:
-        run_server(run_dir, host=host, port=port, checkpoint=checkpoint, threads=threads, access_log=access_log,
+        run_server(run_dir, host=host, port=port, checkpoint=checkpoint, threads=threads, workers=workers,
+                   compile=compile_, access_log=access_log,
                    max_batch=max_batch, max_history=max_history, max_k=max_k)
     except USER_ERRORS as e:
         _fail(e)

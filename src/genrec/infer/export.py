@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch._inductor
 from torch import nn
 
 from genrec.data.batches import Batch
@@ -120,3 +121,27 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt"
 def _test_metrics(run_dir: str | Path) -> dict | None:
     report = Path(run_dir) / "report.json"
     return json.loads(report.read_text()).get("test") if report.is_file() else None
+
+
+def compiled_encoder(run_dir: str | Path, checkpoint: str = "best.pt", echo=print):
+    """The run's UserEncoder compiled ahead of time (AOTInductor: C++ kernels, no Python per op), cached
+    in ``RUN_DIR/compiled/`` for this checkpoint and PyTorch version; compiled on first use (about two
+    minutes for HSTU-large on 2 cores; needs a C++ compiler).
+
+    Measured (HSTU-large, ML-1M histories, 2 threads): one history 3.0 ms instead of 8.0 ms eager, but
+    2 histories 14.7 ms instead of 11.2 ms (its attention is the dense one of ``static_shapes``), so
+    ``genrec serve --compile`` uses it for batches of one request only (``Recommender.single_encoder``).
+    """
+    run_dir = Path(run_dir)
+    stamp = f"{(run_dir / checkpoint).stat().st_mtime_ns}-torch{torch.__version__}"
+    target = run_dir / "compiled" / f"encoder-{Path(checkpoint).stem}-{stamp}.pt2"
+    if not target.is_file():
+        echo(f"compiling the one-history encoder into {target} (once per checkpoint; a few minutes)")
+        with tempfile.TemporaryDirectory() as tmp:
+            export_run(run_dir, Path(tmp) / "export", checkpoint=checkpoint)
+            program = torch.export.load(Path(tmp) / "export" / "encoder.pt2")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.stem + ".partial.pt2")  # the packager wants a .pt2 name
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+            partial.rename(target)
+    return torch._inductor.aoti_load_package(str(target))

@@ -46,6 +46,9 @@ class Recommender:
         self.model, self.scorer, self.vocab, self.max_len = model.eval(), scorer, vocab, max_len
         self.config = config or {}
         self.item_counts = item_counts
+        # optional callable (items, lengths[, timestamps, query_time]) -> queries for batches of one history:
+        # an exported and compiled UserEncoder (genrec.infer.export.compiled_encoder)
+        self.single_encoder = None
         with torch.no_grad():
             self.item_table = scorer.items(model.item_vectors()).detach()  # (I + 1, D)
 
@@ -86,6 +89,13 @@ class Recommender:
                 ts[b, :len(t)] = t
             last = ts[np.arange(len(hs)), lengths - 1] if query_time is None else np.asarray(query_time, dtype=np.int64)
             ts, qt = torch.from_numpy(ts), torch.from_numpy(next_event_times(ts, lengths, last))
+        if len(hs) == 1 and self.single_encoder is not None and (timestamps is not None) == self.uses_time:
+            # one history: the compiled encoder (genrec serve --compile), same function, no Python per op
+            inputs = [torch.from_numpy(items), torch.from_numpy(lengths)]
+            if timestamps is not None:
+                inputs += [ts, torch.from_numpy(np.atleast_1d(last).astype(np.int64))]
+            with torch.no_grad():
+                return self.single_encoder(*inputs)
         batch = Batch(items=torch.from_numpy(items), lengths=torch.from_numpy(lengths), timestamps=ts, query_time=qt)
         batch = batch.to(self.item_table.device)
         with torch.no_grad():

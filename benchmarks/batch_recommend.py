@@ -1,0 +1,88 @@
+"""Batch top-K throughput: every user of a run's dataset through ``recommend_file`` and ``genrec recommend``.
+
+    python benchmarks/batch_recommend.py runs/ml-1m-hstu              # top-100, all users, 3 repeats
+    python benchmarks/batch_recommend.py RUN -k 100 --repeats 3 --write
+
+Writes each user's history (the last ``max_len`` events, raw ids) to a JSONL file, then measures
+(a) ``genrec.infer.batch.recommend_file`` in this process, JSONL in, Parquet out (model load excluded),
+and (b) the ``genrec recommend RUN --input F --output F`` command end to end (process start and model
+load included). Reports users per second (best and median of the repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_histories(run_dir: Path, path: Path) -> int:
+    from genrec.data.store import SequenceStore
+    from genrec.infer.recommender import Recommender
+
+    rec = Recommender.load(run_dir)
+    store = SequenceStore.load(Path(rec.config["data"]["path"]))
+    with path.open("w") as f:
+        for u in range(store.num_users):
+            items = store.item_vocab.to_raw(store.user_items(u)[-rec.max_len:]).tolist()
+            f.write(json.dumps({"user": int(u), "history": items}) + "\n")
+    return store.num_users
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("-k", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    import torch
+
+    from genrec.infer.batch import recommend_file
+    from genrec.infer.recommender import Recommender
+    from genrec.system import tune_allocator
+
+    tune_allocator()  # as the genrec command does
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        users = write_histories(args.run_dir, tmp / "users.jsonl")
+        rec = Recommender.load(args.run_dir)
+        inproc, cli = [], []
+        for r in range(args.repeats):
+            t = time.perf_counter()
+            recommend_file(rec, tmp / "users.jsonl", tmp / f"recs{r}.parquet", k=args.k)
+            inproc.append(users / (time.perf_counter() - t))
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "genrec.cli", "recommend", str(args.run_dir), "--input",
+                            str(tmp / "users.jsonl"), "--output", str(tmp / f"cli{r}.parquet"), "-k", str(args.k)],
+                           check=True, capture_output=True)
+            cli.append(users / (time.perf_counter() - t))
+    model = rec.config["model"]["name"]
+    lines = [f"Run `{args.run_dir}` ({model}, {len(rec.vocab):,} items, histories of up to {rec.max_len} events), "
+             f"{users:,} users, top-{args.k} over all items, history excluded, JSONL in, Parquet out, "
+             f"{args.threads} threads, {args.repeats} repeats.", "",
+             "| path | users/s (best) | users/s (median) |", "|---|---:|---:|",
+             f"| `recommend_file` in process (model loaded) | {max(inproc):,.0f} | {statistics.median(inproc):,.0f} |",
+             f"| `genrec recommend --input` (process start and model load included) | {max(cli):,.0f} "
+             f"| {statistics.median(cli):,.0f} |", "",
+             f"Command: `python benchmarks/batch_recommend.py {args.run_dir} -k {args.k} --repeats {args.repeats}`"]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        sys.path.insert(0, str(HERE))
+        from results_file import write_section
+
+        write_section("batch-recommend", "Batch recommendations (issue 5)", text)
+
+
+if __name__ == "__main__":
+    main()
