@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("-k", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "hnsw"], help="indexes to measure")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args()
     from genrec.infer.index import ExactIndex, FaissIndex
@@ -71,6 +72,8 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     for kind, options in [("ivf", {"nprobe": 64}), ("ivf", {"nprobe": 128}),
                           ("hnsw", {"hnsw_m": 16, "ef_construction": 100, "ef_search": 300})]:
+        if kind not in args.kinds:
+            continue
         t = time.perf_counter()
         index = FaissIndex(items, kind=kind, threads=args.threads, **options)
         build = time.perf_counter() - t
