@@ -160,3 +160,20 @@ def test_compiled_encoder_equals_eager(hstu_run, tiny_data_dir, tmp_path):
     (got,) = rec.recommend([items], k=10, timestamps=[times], query_time=times[-1] + 60)
     assert got.items == want.items
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["hstu_run", "sasrec_run"])
+def test_onnx_export_equals_eager_in_onnxruntime(which, request, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="ONNX export is optional: pip install 'genrec[onnx]'")
+    from genrec.infer.export import UserEncoder, example_inputs
+
+    run = request.getfixturevalue(which)
+    info = export_run(run, tmp_path / "e", onnx=True)
+    rec = Recommender.load(run)
+    session = ort.InferenceSession(str(tmp_path / "e" / "encoder.onnx"))
+    for B, L in [(1, 1), (4, 9), (2, rec.max_len)]:
+        inputs = example_inputs(rec, B, L)
+        with torch.no_grad():
+            want = UserEncoder(rec).eval()(*inputs)
+        (got,) = session.run(None, {n: x.numpy() for n, x in zip(info["inputs"], inputs)})
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)

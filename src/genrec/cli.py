@@ -275,7 +275,8 @@ def recommend(run_dir, history, input_path, output_path, k, timestamps, query_ti
 @click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1),
               help="largest batch the program accepts")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT directory")
-def export(run_dir, out, checkpoint, max_batch, overwrite):
+@click.option("--onnx", is_flag=True, help="also write encoder.onnx (pip install 'genrec[onnx]')")
+def export(run_dir, out, checkpoint, max_batch, overwrite, onnx):
     """Write the user encoder as a torch.export program (dynamic batch and length) into OUT, with the
     item table and the item ids: a process with only PyTorch can then compute recommendations.
 
@@ -286,12 +287,12 @@ def export(run_dir, out, checkpoint, max_batch, overwrite):
     from genrec.infer.export import export_run
 
     try:
-        info = export_run(run_dir, out, checkpoint=checkpoint, max_batch=max_batch, overwrite=overwrite)
-    except (FileExistsError, *USER_ERRORS) as e:
+        info = export_run(run_dir, out, checkpoint=checkpoint, max_batch=max_batch, overwrite=overwrite, onnx=onnx)
+    except (FileExistsError, ImportError, *USER_ERRORS) as e:
         _fail(e)
     click.echo(f"wrote {out}/encoder.pt2 ({info['model']}; inputs {', '.join(info['inputs'])}; batch <= "
                f"{max_batch}, length <= {info['max_len']}), items.pt ({info['num_items']:,} items x {info['dim']}), "
-               f"item_ids.json, export.json")
+               f"item_ids.json, export.json" + (", encoder.onnx" if onnx else ""))
 
 
 @main.command()

@@ -9,6 +9,7 @@ OUT holds:
 - ``items.pt``: the (num_items + 1, D) item table, normalised the same way (row 0 = padding).
 - ``item_ids.json``: raw item id of dense id i at index i - 1.
 - ``export.json``: model, inputs, limits, test metrics, and how to use the files.
+- ``encoder.onnx`` with ``--onnx``: the same encoder for ONNX runtimes (checked with onnxruntime).
 
 Scores are ``queries @ items.T``; the top-K dense ids map back through ``item_ids.json``. A process
 needs only PyTorch to load and run them::
@@ -73,8 +74,11 @@ def example_inputs(recommender: Recommender, batch: int = 3, length: int | None 
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt", max_batch: int = 4096,
-               overwrite: bool = False) -> dict:
-    """Write the export of ``run_dir`` into ``out`` (atomically: a failed export leaves nothing behind)."""
+               overwrite: bool = False, onnx: bool = False) -> dict:
+    """Write the export of ``run_dir`` into ``out`` (atomically: a failed export leaves nothing behind).
+
+    ``onnx=True`` also writes ``encoder.onnx`` (same inputs and output; needs ``pip install 'genrec[onnx]'``).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another directory or pass overwrite=True (--overwrite)")
@@ -89,8 +93,10 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt"
     names = ["items", "lengths", "timestamps", "query_time"][:len(inputs)]
     shapes = {"items": {0: batch, 1: length}, "lengths": {0: batch}, "timestamps": {0: batch, 1: length},
               "query_time": {0: batch}}
+    dynamic = {n: shapes[n] for n in names}
     with torch.no_grad(), static_shapes():
-        program = torch.export.export(encoder, inputs, dynamic_shapes={n: shapes[n] for n in names})
+        program = torch.export.export(encoder, inputs, dynamic_shapes=dynamic)
+        onnx_program = _onnx(encoder, inputs, dynamic, names) if onnx else None
     info = {
         "format": "genrec-export-1", "model": name, "run_dir": str(run_dir), "checkpoint": checkpoint,
         "inputs": {n: ("(B, L) int64 dense item ids, 0 = padding (right)" if n == "items" else
@@ -105,6 +111,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         torch.export.save(program, tmp / "encoder.pt2")
+        if onnx_program is not None:
+            onnx_program.save(str(tmp / "encoder.onnx"))
         torch.save(rec.item_table.clone(), tmp / "items.pt")
         (tmp / "item_ids.json").write_text(json.dumps(rec.vocab.raw.tolist()))
         (tmp / "export.json").write_text(json.dumps(info, indent=2))
@@ -116,6 +124,16 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt"
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def _onnx(encoder: nn.Module, inputs: tuple, dynamic: dict, names: list[str]):
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError("ONNX export needs the optional extra: pip install 'genrec[onnx]'") from e
+    return torch.onnx.export(encoder, inputs, dynamo=True, dynamic_shapes=dynamic, input_names=names,
+                             output_names=["queries"], verbose=False)
 
 
 def _test_metrics(run_dir: str | Path) -> dict | None:

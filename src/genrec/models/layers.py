@@ -133,8 +133,11 @@ class Tokens:
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, position) of each of the N tokens."""
-        flat = self.index if self.packed else torch.arange(self.B * self.L, device=self.keep.device)
-        return torch.div(flat, self.L, rounding_mode="floor"), flat % self.L
+        if self.packed:
+            return torch.div(self.index, self.L, rounding_mode="floor"), self.index % self.L
+        grid = (self.B, self.L)  # no modulo by L: it exports to ONNX with a symbolic L
+        return (torch.arange(self.B, device=self.keep.device)[:, None].expand(grid).reshape(-1),
+                torch.arange(self.L, device=self.keep.device)[None, :].expand(grid).reshape(-1))
 
     def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) index of each row's last real token in the (N, ...) layout (rows with >= 1 token)."""
