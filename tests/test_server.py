@@ -71,6 +71,10 @@ def test_recommend_round_trip_equals_python_api(client, rec, histories):
                             query_time=times[-1] + 60)
     _same(r.json(), want)
     assert set(r.json()["items"]) <= {int(x) for x in cands}
+    # ids no vocabulary can hold (beyond int64, negative, long strings) are unknown ids, not errors
+    r = client.post("/recommend", json={"history": items + [10**30, -5, "x" * 500], "k": 3, "timestamps": times + [1, 2, 3],
+                                        "candidates": [10**30] + items[:1]})
+    assert r.status_code == 200 and r.json()["unknown"] == 3 and r.json()["unknown_candidates"] == 1
     # empty history: popularity fallback, flagged
     r = client.post("/recommend", json={"history": [], "k": 3})
     assert r.status_code == 200 and r.json()["fallback"] and len(r.json()["items"]) == 3
@@ -155,6 +159,21 @@ def test_micro_batching_equals_one_by_one(rec, histories):
                                     query_time=b.query_time)
         _same(got.__dict__, want)
         assert got.unknown_candidates == (1 if b.candidates else 0)
+
+
+def test_full_queue_is_a_503_not_a_hang(rec):
+    Body = request_model(100, 50, 100)
+
+    async def go():
+        batcher = MicroBatcher(rec, max_queue=1)  # no worker running: the queue fills
+        first = asyncio.ensure_future(batcher.submit(Body(history=[1])))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.QueueFull):
+            await batcher.submit(Body(history=[2]))
+        first.cancel()
+        batcher.close()
+
+    asyncio.run(go())
 
 
 class _nothing:

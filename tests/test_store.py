@@ -108,6 +108,7 @@ def test_load_errors(tmp_path):
 def test_vocab_lookup_mixed_inputs():
     v = Vocab(np.array([100, 7, 42]))
     assert v.to_dense([7, "42", 100, 5, "x"]).tolist() == [2, 3, 1, -1, -1]
+    assert v.to_dense([10**30, 7, -(2**70), 2**63]).tolist() == [-1, 2, -1, -1]  # beyond int64: unknown, no error
     assert v.to_raw(np.array([1, 3])).tolist() == [100, 42]
     s = Vocab(["x", "y"])
     assert s.to_dense(["y", "z"]).tolist() == [2, -1]

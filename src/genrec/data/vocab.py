@@ -44,7 +44,7 @@ class Vocab:
         if self.is_integer:
             try:
                 keys = values.astype(np.int64)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):  # strings, None, ints beyond int64: one by one
                 keys = np.array([_as_int(v) for v in values], dtype=np.int64)
             if self._sorted is None:
                 order = np.argsort(self.raw, kind="stable")
@@ -85,6 +85,7 @@ class Vocab:
 
 def _as_int(v) -> int:
     try:
-        return int(v)
+        i = int(v)
     except (ValueError, TypeError):
         return -(2**62)  # a raw id that can never exist -> unknown
+    return i if -(2**63) <= i < 2**63 else -(2**62)  # beyond int64: unknown too

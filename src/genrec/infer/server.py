@@ -93,7 +93,7 @@ def model_executor(threads: int | None = None, workers: int = 1) -> ThreadPoolEx
 
 
 class MicroBatcher:
-    """Queue of pending requests -> one ``Recommender.recommend`` call per batch, in one worker thread."""
+    """Queue of pending requests -> one ``Recommender.recommend`` call per batch, in the model thread(s)."""
 
     def __init__(self, recommender: Recommender, max_batch: int = 64, max_queue: int = 4096,
                  executor: ThreadPoolExecutor | None = None):
