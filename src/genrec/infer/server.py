@@ -260,7 +260,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, checkp
     if compile:
         from genrec.infer.export import compiled_encoder
 
-        rec.single_encoder = pool.submit(compiled_encoder, run_dir, checkpoint).result()
+        try:
+            rec.single_encoder = pool.submit(compiled_encoder, run_dir, checkpoint).result()
+        except ValueError:  # a model without an export path: say so, as `genrec export` does
+            raise
+        except Exception as e:  # no C++ compiler, an inductor failure: serve eagerly rather than not at all
+            warnings.warn(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); serving without it", stacklevel=2)
     app = create_app(rec, run_metadata(run_dir, rec), executor=pool, **limits)
     gc.collect()
     gc.freeze()  # the ~10^6 objects of torch, FastAPI and the model leave the collector's view: no 100 ms pauses
