@@ -42,13 +42,20 @@ def test_table_reports_mean_std_targets_and_missing_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "RUNS", tmp_path)
     rows = [reproduce.Row("lastfm", "sasrec", (0.0688, 0.0390), "S3-Rec paper", ">= published", seeds=[0, 1, 2]),
             reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published"),
-            reproduce.Row("beauty", "gru4rec")]
+            reproduce.Row("beauty", "gru4rec"),
+            reproduce.Row("lastfm", "hstu", (0.0807, 0.0435), "BSARec (aim)", "above our best SASRec; aim", seeds=[0]),
+            reproduce.Row("beauty", "hstu", (0.1008, 0.0611), "BSARec (aim)", "above our best SASRec; aim")]
     monkeypatch.setattr(reproduce, "ROWS", rows)
     for seed, hr in zip([0, 1, 2], [0.07, 0.08, 0.09]):
         fake_run(reproduce.run_dir(rows[0], seed), hr)
     fake_run(reproduce.run_dir(rows[1], 0), 0.05)
+    fake_run(reproduce.run_dir(rows[3], 0), 0.072)  # HSTU below the LastFM SASRec mean 0.08
+    fake_run(reproduce.run_dir(rows[4], 0), 0.06)  # HSTU above the Beauty SASRec 0.05
     text = reproduce.table()
-    lastfm, beauty, gru = (line for line in text.splitlines() if line.startswith("| lastfm") or line.startswith("| beauty"))
+    lines = [line for line in text.splitlines() if line.startswith("| lastfm") or line.startswith("| beauty")]
+    lastfm, beauty, gru, lastfm_hstu, beauty_hstu = lines
+    assert "above our SASRec (0.0800 / 0.0400): MISSED by 10.0 % (HR@10)" in lastfm_hstu
+    assert "above our SASRec (0.0500 / 0.0250): met" in beauty_hstu
     assert "0.0800 ± 0.0100" in lastfm and "| met |" in lastfm  # mean 0.08 >= 0.0688, ndcg 0.04 >= 0.039
     assert "5, 5, 5 (4, 4, 4)" in lastfm and "6 min" in lastfm  # epochs (best) and summed wall time
     assert "MISSED by 17.4 %" in beauty  # 0.05 vs 0.0605
