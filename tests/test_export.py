@@ -177,3 +177,12 @@ def test_onnx_export_equals_eager_in_onnxruntime(which, request, tmp_path):
             want = UserEncoder(rec).eval()(*inputs)
         (got,) = session.run(None, {n: x.numpy() for n, x in zip(info["inputs"], inputs)})
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_overwrite_replaces_the_export_whole(hstu_run, tmp_path):
+    out = tmp_path / "e"
+    export_run(hstu_run, out)
+    (out / "stale.txt").write_text("from before")
+    export_run(hstu_run, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "encoder.pt2").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]  # no temporary or replaced directory left behind

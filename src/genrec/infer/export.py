@@ -117,9 +117,13 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best.pt"
         (tmp / "item_ids.json").write_text(json.dumps(rec.vocab.raw.tolist()))
         (tmp / "export.json").write_text(json.dumps(info, indent=2))
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.replaced") if out.exists() else None
+        if old is not None:  # --overwrite: the previous export stays whole until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
