@@ -61,14 +61,8 @@ def candidate_states(model: HSTU, history: torch.Tensor, candidates: torch.Tenso
         b = c.shape[0]
         x = model.item_embedding(c) * math.sqrt(cfg.dim) + model.position_embedding.weight[n]  # (b, D)
         for li, layer in enumerate(model.layers):
-            uvqk = layer.in_norm(x) @ layer.uvqk
-            if cfg.silu == "uvqk":
-                uvqk = F.silu(uvqk)
-            u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-            if cfg.silu == "u":
-                u = F.silu(u)
-            q = q.view(b, H, dqk) * ((1.0 / math.sqrt(dqk)) if cfg.attn_scale else 1.0)
-            k, v = k.view(b, H, dqk), v.view(b, H, dv)
+            u, v, q, k = layer.projections(x)
+            q, k, v = q.view(b, H, dqk), k.view(b, H, dqk), v.view(b, H, dv)
             scores = torch.cat([torch.einsum("bhd,jhd->bhj", q, cache.keys[li]),  # (b, H, n) the history
                                 (q * k).sum(-1, keepdim=True)], dim=-1)  # (b, H, 1) itself
             if layer.rab is not None:
@@ -78,15 +72,8 @@ def candidate_states(model: HSTU, history: torch.Tensor, candidates: torch.Tenso
                 scores = scores + bias
             w = F.silu(scores)
             o = torch.einsum("bhj,jhd->bhd", w[..., :n], cache.values[li]) + w[..., n:] * v  # (b, H, dv)
-            o = o.reshape(b, H * dv)
-            if cfg.attn_norm == "visible":
-                o = o / T
-            elif cfg.attn_norm == "max_len":
-                o = o / cfg.max_len
-            else:
-                raise ValueError("the batch_max normaliser depends on the batch: candidate scoring needs "
-                                 "attn_norm = max_len or visible")
-            o = torch.cat([u, o, u * layer.attn_norm(o)], dim=-1) if cfg.output == "concat" else u * layer.attn_norm(o)
-            x = layer.out(o) + x
+            # T keys visible, or max_len (extend above already refused the batch_max normaliser)
+            o = o.reshape(b, H * dv) / (T if cfg.attn_norm == "visible" else cfg.max_len)
+            x = layer.output(u, o, x)  # eval mode (extend checks it): no dropout
         out.append(F.normalize(x, dim=-1, eps=1e-6) if cfg.output_l2_norm else x)
     return torch.cat(out)

@@ -80,13 +80,8 @@ def extend(model: HSTU, cache: HSTUCache | None, items: torch.Tensor, timestamps
     keep = T - 1 if use_time and not final else T  # with the time bias the last event's output changes with the next time
     new_keys, new_values = [], []
     for li, layer in enumerate(model.layers):
-        uvqk = layer.in_norm(x) @ layer.uvqk
-        if cfg.silu == "uvqk":
-            uvqk = F.silu(uvqk)
-        u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        if cfg.silu == "u":
-            u = F.silu(u)
-        q = q.view(n, H, dqk) * ((1.0 / math.sqrt(dqk)) if cfg.attn_scale else 1.0)
+        u, v, q, k = layer.projections(x)
+        q = q.view(n, H, dqk)
         keys = torch.cat([cache.keys[li], k.view(n, H, dqk)]) if T0 else k.view(n, H, dqk)  # (T, H, dqk)
         values = torch.cat([cache.values[li], v.view(n, H, dv)]) if T0 else v.view(n, H, dv)
         scores = torch.einsum("ihd,jhd->hij", q, keys)  # (H, n, T)
@@ -98,8 +93,7 @@ def extend(model: HSTU, cache: HSTUCache | None, items: torch.Tensor, timestamps
         weights = F.silu(scores).masked_fill(future[None], 0.0)
         o = torch.einsum("hij,jhd->ihd", weights, values).reshape(n, H * dv)
         o = o / ((pos + 1)[:, None].to(o.dtype) if cfg.attn_norm == "visible" else float(cfg.max_len))
-        o = torch.cat([u, o, u * layer.attn_norm(o)], dim=-1) if cfg.output == "concat" else u * layer.attn_norm(o)
-        x = layer.out(o) + x
+        x = layer.output(u, o, x)  # eval mode: no dropout
         new_keys.append(keys[:keep])
         new_values.append(values[:keep])
     out = x[-1]

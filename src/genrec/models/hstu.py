@@ -343,6 +343,30 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(H * dv * (3 if cfg.output == "concat" else 1), cfg.dim)
         nn.init.xavier_uniform_(self.out.weight)
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens x (N, D) -> U, V (N, H*dv), Q (scaled as configured), K (N, H*dqk), SiLU as configured.
+
+        The per-token half of the layer as the cached and candidate paths (genrec/infer) run it; ``forward``
+        and ``forward_last`` inline it to unpack or gather the projection before splitting it."""
+        cfg = self.cfg
+        H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+        uvqk = self.in_norm(x) @ self.uvqk
+        if cfg.silu == "uvqk":
+            uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
+        u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        if cfg.silu == "u":
+            u = F.silu(u)
+        return u, v, (q * (1.0 / math.sqrt(dqk)) if cfg.attn_scale else q), k
+
+    def output(self, u: torch.Tensor, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """U and the normalised attention output O (N, H*dv) -> the layer's output Linear(U * LN(O)) + x (or the
+        ``concat`` variant's Linear([U, O, U * LN(O)]) + x)."""
+        if self.cfg.output == "concat":
+            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (N, 3*H*dv)
+        else:
+            o = u * self.attn_norm(o)  # (N, H*dv)
+        return self.out(self.dropout(o)) + residual
+
     def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                 buckets: torch.Tensor | None) -> torch.Tensor:
         """x (N, D): the batch's tokens (``tokens.pack`` layout) -> (N, D)."""
@@ -363,12 +387,7 @@ class HSTULayer(nn.Module):
         # Dividing the (B, L, H, dv) output instead of the (B, H, L, L) weights: same result, less work.
         o = causal_silu_attention(q, k, v, bias, lengths) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
-
-        if cfg.output == "concat":
-            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (N, 3*H*dv)
-        else:
-            o = u * self.attn_norm(o)  # (N, H*dv)
-        return self.out(self.dropout(o)) + x
+        return self.output(u, o, x)
 
     def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                      buckets: torch.Tensor | None) -> torch.Tensor:
@@ -402,11 +421,7 @@ class HSTULayer(nn.Module):
             o = o / lengths[:, None].to(o.dtype)
         else:
             o = o / self.normaliser(L, lengths, x.device)
-        if cfg.output == "concat":
-            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)
-        else:
-            o = u * self.attn_norm(o)
-        return self.out(self.dropout(o)) + x[last]
+        return self.output(u, o, x[last])
 
     def normaliser(self, L: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor | float:
         if self.cfg.attn_norm == "max_len":
