@@ -23,18 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def write_histories(run_dir: Path, path: Path, copies: int = 1) -> int:
-    from genrec.data.store import SequenceStore
-    from genrec.infer.recommender import Recommender
-
-    rec = Recommender.load(run_dir)
-    store = SequenceStore.load(Path(rec.config["data"]["path"]))
-    lines = [json.dumps({"user": int(u), "history": store.item_vocab.to_raw(store.user_items(u)[-rec.max_len:]).tolist()})
-             for u in range(store.num_users)]
+def write_histories(lines: list[str], path: Path, copies: int = 1) -> int:
+    """The JSONL input file: every line ``copies`` times; returns its number of rows."""
     with path.open("w") as f:
-        for c in range(copies):
+        for _ in range(copies):
             f.write("\n".join(lines) + "\n")
-    return store.num_users * copies
+    return len(lines) * copies
 
 
 def main() -> None:
@@ -48,6 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from serve_load import histories  # the same user histories as the load test: the last max_len events
+
     from genrec.infer.batch import recommend_file
     from genrec.infer.recommender import Recommender
     from genrec.system import tune_allocator
@@ -56,9 +52,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        users = write_histories(args.run_dir, tmp / "users.jsonl")
-        many = write_histories(args.run_dir, tmp / "many.jsonl", args.copies)
         rec = Recommender.load(args.run_dir)
+        lines = [json.dumps({"user": u, "history": h}) for u, h in enumerate(histories(args.run_dir, rec.max_len, None))]
+        users = write_histories(lines, tmp / "users.jsonl")
+        many = write_histories(lines, tmp / "many.jsonl", args.copies)
         inproc, cli, cli_many = [], [], []
 
         def command(src: Path, dst: Path) -> None:

@@ -33,15 +33,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def histories(run_dir: Path, length: int, n: int = 2000) -> list[list]:
-    """The last ``length`` raw item ids of up to ``n`` users of the run's dataset."""
+def histories(run_dir: Path, length: int, n: int | None = 2000) -> list[list]:
+    """The last ``length`` raw item ids of up to ``n`` random users of the run's dataset (``n=None``: every
+    user, in order; benchmarks/batch_recommend.py)."""
     from genrec.data.store import SequenceStore
     from genrec.infer.recommender import Recommender
 
     rec = Recommender.load(run_dir)
     path = Path(rec.config["data"]["path"])
     store = SequenceStore.load(path)
-    users = np.random.default_rng(0).permutation(store.num_users)[:n]
+    users = range(store.num_users) if n is None else np.random.default_rng(0).permutation(store.num_users)[:n]
     out = []
     for u in users:
         items = store.user_items(int(u))[-length:]
