@@ -45,16 +45,16 @@ def store_from_sequences():
     return _store_from_sequences
 
 
+def train_tiny(data_dir, out, model: dict, epochs: int = 2, **sections):
+    """Train a small model on the tiny dataset into ``out`` (quietly); returns ``out``."""
+    base = {"data": {"path": str(data_dir), "max_len": 12}, "model": model, "loss": {"num_negatives": 16},
+            "train": {"epochs": epochs, "batch_size": 64, "threads": 1}, "eval": {"ks": [10]}}
+    train(load_config(base={**base, **sections}), out, echo=lambda *a, **k: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def hstu_run(tiny_data_dir, tmp_path_factory):
     """A tiny trained HSTU run with the time bias (for the Recommender, the batch CLI, the server)."""
-    cfg = load_config(base={
-        "data": {"path": str(tiny_data_dir), "max_len": 12},
-        "model": {"name": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8},
-        "loss": {"num_negatives": 16},
-        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
-        "eval": {"ks": [10]},
-    })
-    run = tmp_path_factory.mktemp("rec") / "hstu"
-    train(cfg, run, echo=lambda *a, **k: None)
-    return run
+    return train_tiny(tiny_data_dir, tmp_path_factory.mktemp("rec") / "hstu",
+                      {"name": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8})

@@ -12,10 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from genrec.cli import main
-from genrec.config import load_config
 from genrec.infer.export import export_run
 from genrec.infer.recommender import Recommender
-from genrec.train.trainer import train
+from conftest import train_tiny
 
 # runs in a fresh interpreter where importing genrec fails: only torch and the exported files
 FRESH = r"""
@@ -41,16 +40,8 @@ print("genrec" in sys.modules and sys.modules["genrec"] is not None)
 
 @pytest.fixture(scope="module")
 def sasrec_run(tiny_data_dir, tmp_path_factory):
-    cfg = load_config(base={
-        "data": {"path": str(tiny_data_dir), "max_len": 12},
-        "model": {"name": "sasrec", "dim": 16, "num_blocks": 2, "num_heads": 2, "ffn_dim": 16},
-        "loss": {"num_negatives": 16},
-        "train": {"epochs": 1, "batch_size": 64, "threads": 1},
-        "eval": {"ks": [10]},
-    })
-    run = tmp_path_factory.mktemp("exp") / "sasrec"
-    train(cfg, run, echo=lambda *a, **k: None)
-    return run
+    return train_tiny(tiny_data_dir, tmp_path_factory.mktemp("exp") / "sasrec",
+                      {"name": "sasrec", "dim": 16, "num_blocks": 2, "num_heads": 2, "ffn_dim": 16}, epochs=1)
 
 
 def _padded(rows: list[np.ndarray], L: int) -> torch.Tensor:
@@ -106,11 +97,7 @@ def test_export_errors_and_cli(hstu_run, tiny_data_dir, tmp_path):
     assert r.exit_code != 0 and "--overwrite" in r.output
     assert (out / "encoder.pt2").stat().st_mtime_ns == before  # the earlier export is untouched
     # a model without a static-shape path: a clear error, nothing written
-    cfg = load_config(base={"data": {"path": str(tiny_data_dir), "max_len": 12},
-                            "model": {"name": "gru4rec", "dim": 8}, "train": {"epochs": 1, "threads": 1},
-                            "eval": {"ks": [10]}})
-    gru = tmp_path / "gru"
-    train(cfg, gru, echo=lambda *a, **k: None)
+    gru = train_tiny(tiny_data_dir, tmp_path / "gru", {"name": "gru4rec", "dim": 8}, epochs=1)
     with pytest.raises(ValueError, match="not exportable"):
         export_run(gru, tmp_path / "g")
     assert not (tmp_path / "g").exists()
