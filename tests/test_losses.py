@@ -58,6 +58,45 @@ def test_full_softmax_chunking_matches_brute_force(chunk_size):
     assert got[2][0].abs().sum() == 0  # the padding row gets no gradient
 
 
+def _full_softmax_plain(q, targets, items, temperature):
+    logits = q @ items[1:].T / temperature
+    return F.cross_entropy(logits, targets - 1)
+
+
+def test_full_softmax_many_chunks_and_upstream_scale():
+    """Gradients made in the forward pass are scaled by the upstream gradient, chunk boundaries included."""
+    g = torch.Generator().manual_seed(3)
+    q, items = torch.randn(1100, 8, generator=g), torch.randn(301, 8, generator=g)
+    targets = torch.randint(1, 301, (1100,), generator=g)
+    for chunk_size in (7, 512, 4096):  # internal cap: 512 rows per chunk
+        got = _grads(lambda q, it: 3.0 * full_softmax(q, targets, it, 0.7, chunk_size=chunk_size), q, items)
+        want = _grads(lambda q, it: 3.0 * _full_softmax_plain(q, targets, it, 0.7), q, items)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_full_softmax_gradient_to_one_input_only():
+    q, targets, items = _inputs()
+    items_only = items.clone().requires_grad_(True)
+    full_softmax(q, targets, items_only, 0.5).backward()
+    _, _, want = _grads(lambda q, it: _full_softmax_brute(q, targets, it, 0.5), q, items)
+    torch.testing.assert_close(items_only.grad, want, atol=1e-5, rtol=1e-5)
+    q_only = q.clone().requires_grad_(True)
+    full_softmax(q_only, targets, items, 0.5).backward()
+    _, want, _ = _grads(lambda q, it: _full_softmax_brute(q, targets, it, 0.5), q, items)
+    torch.testing.assert_close(q_only.grad, want, atol=1e-5, rtol=1e-5)
+
+
+def test_full_softmax_under_bf16_autocast():
+    q, targets, items = _inputs(N=40, D=16, num_items=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(lambda q, it: full_softmax(q, targets, it, 0.5, chunk_size=16), q, items)
+    want = _grads(lambda q, it: _full_softmax_plain(q, targets, it, 0.5), q, items)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+
+
 def test_full_softmax_no_grad_path():
     q, targets, items = _inputs()
     with torch.no_grad():
