@@ -156,12 +156,36 @@ def check_length(L: int, max_len: int, what: str = "history") -> None:
         raise ValueError(f"{what} length {L} exceeds model.max_len={max_len}")
 
 
-def length_groups(lengths: torch.Tensor, group: int = 16):
-    """(rows, m): the batch's rows, longest first, in groups of ``group``, with the group's longest length.
+class _PermuteRows(torch.autograd.Function):
+    """``t[order]`` for a permutation: the backward is the inverse permutation, a gather too (autograd's
+    default scatter-add for an index is 3x slower and starts from a zero-filled copy of ``t``)."""
 
-    Attention over a group only needs its first m positions, so a random batch of mixed lengths costs
-    about what its real tokens need."""
-    sorted_len, order = torch.sort(lengths, descending=True, stable=True)
-    for s in range(0, len(order), group):
-        yield order[s:s + group], max(1, int(sorted_len[s]))
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, order)
 
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(t: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``t[order]`` along dim 0 (``inverse = argsort(order)``), differentiable by a gather."""
+    return _PermuteRows.apply(t, order, inverse)
+
+
+def length_groups(lengths: torch.Tensor, group: int = 16) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    """(order, sizes, tops): the batch's rows longest first, cut into groups of ``group`` rows.
+
+    ``order`` is None when the rows already are longest first (evaluation batches); ``sizes`` are the
+    groups' row counts and ``tops`` their longest lengths. Attention over a group only needs its first
+    ``top`` positions, so a random batch of mixed lengths costs about what its real tokens need."""
+    if bool((lengths[:-1] >= lengths[1:]).all()):
+        order, sorted_len = None, lengths
+    else:
+        sorted_len, order = torch.sort(lengths, descending=True, stable=True)
+    sizes = [min(group, len(lengths) - s) for s in range(0, len(lengths), group)]
+    tops = [max(1, int(t)) for t in sorted_len[::group].tolist()]
+    return order, sizes, tops

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens, check_length, dropout, length_groups
+from genrec.models.layers import Dropout, Tokens, check_length, dropout, length_groups, permute_rows
 
 
 @dataclass
@@ -73,24 +73,34 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(b, m, 3D) -> (b, m, D): causal attention over the first m positions of a few rows."""
+        b, m, D3 = qkv.shape
+        D, H = D3 // 3, self.num_heads
+        q, k, v = qkv.reshape(b, m, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (b, H, m, d)
+        # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
+        if self.training and self.dropout > 0 and qkv.device.type == "cpu":
+            y = dropout_attention(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (b, H, m, d)
+        return y.transpose(1, 2).reshape(b, m, D)
+
     def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
         """x (N, D) tokens -> (N, D). Rows go through attention in groups of similar length (longest
         first), each cut to its longest row: the padding of a random batch costs no attention work."""
-        B, L, D, H = tokens.B, tokens.L, x.shape[-1], self.num_heads
+        L = tokens.L
         qkv = tokens.unpack(self.qkv(x))  # (B, L, 3D)
-        parts, rows = [], []
-        for group, m in length_groups(lengths.clamp(min=1, max=L)) if tokens.packed else [(None, L)]:
-            g = qkv if group is None else qkv[group, :m]
-            q, k, v = g.reshape(g.shape[0], m, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (b, H, m, d)
-            # Right padding + causal mask: a real position never sees a padded key, so no extra mask is needed.
-            if self.training and self.dropout > 0 and x.device.type == "cpu":
-                y = dropout_attention(q, k, v, self.dropout)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                   dropout_p=self.dropout if self.training else 0.0)  # (b, H, m, d)
-            parts.append(F.pad(y.transpose(1, 2).reshape(-1, m, D), (0, 0, 0, L - m)))
-            rows.append(group)
-        y = parts[0] if rows[0] is None else torch.cat(parts)[torch.argsort(torch.cat(rows))]  # (B, L, D)
+        if not tokens.packed:
+            return self.proj(tokens.pack(self.attend(qkv)))
+        order, sizes, tops = length_groups(lengths.clamp(min=1, max=L))
+        if order is not None:  # one gather each way: indexing each group would zero-fill all of qkv per group in backward
+            inverse = torch.argsort(order)
+            qkv = permute_rows(qkv, order, inverse)
+        parts = [F.pad(self.attend(g[:, :m]), (0, 0, 0, L - m)) for g, m in zip(torch.split(qkv, sizes), tops)]
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]  # (B, L, D), longest first
+        if order is not None:
+            y = permute_rows(y, inverse, order)
         return self.proj(tokens.pack(y))
 
 
