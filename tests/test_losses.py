@@ -360,7 +360,7 @@ def test_loss_on_a_batch_without_targets_is_zero_with_gradients():
 
 
 def test_negative_scores_chunking_is_exact(monkeypatch):
-    """The custom path, with partial gather chunks, equals plain autograd."""
+    """Both forwards (the sampled matmul, and the gather loop with partial chunks) equal plain autograd."""
     import genrec.losses as losses
 
     g = torch.Generator().manual_seed(5)
@@ -371,6 +371,9 @@ def test_negative_scores_chunking_is_exact(monkeypatch):
     weights = torch.randn(50, 3, generator=g)
     want = torch.einsum("nd,nrd->nr", q, table[negatives])
     gw = torch.autograd.grad((want * weights).sum(), [q, table])
+    with torch.no_grad():
+        torch.testing.assert_close(losses._sampled_scores(q, table, negatives), want)
+    monkeypatch.setattr(losses, "_sampled_scores", losses._gather_multiply_sum)  # the loop path (bf16 takes it)
     for gather_chunk in (losses.GATHER_CHUNK, 7):  # 7: several chunks, the last one partial
         monkeypatch.setattr(losses, "GATHER_CHUNK", gather_chunk)
         got = negative_scores(q, table, negatives)
@@ -378,3 +381,29 @@ def test_negative_scores_chunking_is_exact(monkeypatch):
         torch.testing.assert_close(got, want)
         for a, b in zip(gg, gw):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("num_items", [300, 2**15 - 1, 2**15 + 5])
+def test_negative_scores_item_gradient_with_either_sort_key(num_items):
+    """Item gradients group the draws by item with a 2-byte sort key up to 2^15 rows, 4 bytes beyond."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(40, 3, generator=g, requires_grad=True)
+    table = torch.randn(num_items + 1, 3, generator=g, requires_grad=True)
+    negatives = torch.randint(1, num_items + 1, (40, 5), generator=g)
+    negatives[3, :] = num_items  # the largest id, drawn repeatedly
+    weights = torch.randn(40, 5, generator=g)
+    got = torch.autograd.grad((negative_scores(q, table, negatives) * weights).sum(), [q, table])
+    want = torch.autograd.grad((torch.einsum("nd,nrd->nr", q, table[negatives]) * weights).sum(), [q, table])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("num_items", [20, 3])  # 3: more draws per row than items (the gather path)
+def test_negative_scores_under_bf16_autocast_and_tiny_catalogs(num_items):
+    g = torch.Generator().manual_seed(7)
+    q, table = torch.randn(30, 8, generator=g), torch.randn(num_items + 1, 8, generator=g)
+    negatives = torch.randint(1, num_items + 1, (30, 6), generator=g)
+    want = torch.einsum("nd,nrd->nr", q, table[negatives])
+    torch.testing.assert_close(negative_scores(q, table, negatives), want)
+    got = negative_scores(q.bfloat16(), table.bfloat16(), negatives).float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)

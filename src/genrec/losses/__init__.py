@@ -19,6 +19,8 @@ so training and evaluation compare queries and items the same way (dot or cosine
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -91,14 +93,16 @@ GATHER_CHUNK = 64  # positions per chunk when gathering negative embeddings: (64
 class _NegativeScores(torch.autograd.Function):
     """(N, R) scores q[n] . items[negatives[n, r]] without an (N, R, D) tensor.
 
-    Forward gathers the negatives' rows a few positions at a time (the (n, R, D) block stays in cache;
-    2-3x faster than scoring all items with a K = D matmul, which runs far below the matmul peak for
-    D ~ 50). Backward uses two weighted ``embedding_bag`` sums, fused kernels that need no (N, R, D)
-    tensor either: the query gradient sum_r g[n, r] items[negatives[n, r]] is one bag per position; the
-    item gradient is one bag per item over the positions that drew it, found by sorting the negatives.
-    On ML-1M shapes (13.6k positions, 128 negatives, 3,707 items) forward + backward take 100-150 ms,
-    against 290-390 ms when scoring every item with chunked matmuls and 480+ ms with plain autograd
-    (whose scatter-add into the item table is the slow part on CPU).
+    Forward is one sampled dense-dense matmul at the drawn pairs (``_sampled_scores``; much less work
+    than scoring all items with a K = D matmul, which runs far below the matmul peak for D ~ 50).
+    Backward uses two weighted ``embedding_bag`` sums, fused kernels that need no (N, R, D) tensor
+    either: the query gradient sum_r g[n, r] items[negatives[n, r]] is one bag per position; the item
+    gradient is one bag per item over the positions that drew it, found by sorting the negatives (a
+    2-byte radix sort when there are at most 2^15 items). On ML-1M shapes (13.8k positions, 128
+    negatives, 3,708 items) forward + backward take 58 ms on 2 threads (83 ms with the earlier
+    gather-multiply-sum forward and 4-byte sort keys), against 290-390 ms when scoring every item with
+    chunked matmuls and 480+ ms with plain autograd (whose scatter-add into the item table is the slow
+    part on CPU).
     """
 
     @staticmethod
@@ -117,7 +121,8 @@ class _NegativeScores(torch.autograd.Function):
             flat = negatives.reshape(-1)
             small = items.shape[0] < 2**31 and flat.numel() < 2**31  # int32 sorts and divides 2x faster
             index_dtype = torch.int32 if small else torch.long
-            order = torch.sort(flat.to(index_dtype)).indices.to(index_dtype)  # (N R,) grouped by item
+            key_dtype = torch.int16 if items.shape[0] <= 2**15 else index_dtype  # radix sort: 2 bytes, 2x faster again
+            order = torch.sort(flat.to(key_dtype), stable=True).indices.to(index_dtype)  # (N R,) grouped by item
             offsets = torch.zeros(items.shape[0], dtype=index_dtype, device=q.device)
             torch.cumsum(torch.bincount(flat, minlength=items.shape[0])[:-1], 0, out=offsets[1:])
             positions = torch.div(order, negatives.shape[1], rounding_mode="floor")
@@ -127,11 +132,31 @@ class _NegativeScores(torch.autograd.Function):
 
 
 def _gathered_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    if q.dtype in (torch.float32, torch.float64) and items.dtype == q.dtype and negatives.shape[1] <= len(items):
+        return _sampled_scores(q, items, negatives)
+    # bf16 under autocast (sampled_addmm takes fp32/fp64 only); more draws per row than items (it refuses those)
+    return _gather_multiply_sum(q, items, negatives)
+
+
+def _gather_multiply_sum(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     out = q.new_empty(negatives.shape)
     for s in range(0, len(q), GATHER_CHUNK):  # multiply-and-sum beats a batched matrix-vector bmm here
         e = s + GATHER_CHUNK
         torch.sum(F.embedding(negatives[s:e], items) * q[s:e, None, :], dim=-1, out=out[s:e])
     return out
+
+
+def _sampled_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(N, R) dot products at the sampled (position, item) pairs: one sampled dense-dense matmul (SDDMM)
+    over a CSR pattern with R entries per row (repeated items in a row are fine). 2.5x faster than the
+    gather-multiply-sum loop on ML-1M shapes (13.8k x 128 pairs, D = 50: 17 against 41-45 ms, 2 threads)."""
+    N, R = negatives.shape
+    crow = torch.arange(0, N * R + 1, R, device=q.device, dtype=negatives.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR tensor support is in beta state"
+        pattern = torch.sparse_csr_tensor(crow, negatives.reshape(-1), q.new_zeros(N * R), (N, items.shape[0]),
+                                          check_invariants=False)  # zeros: beta = 0 still propagates NaN
+        return torch.sparse.sampled_addmm(pattern, q, items.T, beta=0.0).values().view(N, R)
 
 
 def negative_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
