@@ -9,11 +9,13 @@ same random batches with (a) genrec's training path (batches trimmed to their lo
 tokens, jagged attention, the other tricks in the model and loss files) and (b) ``dense_reference.py``
 (every batch padded to 200, masks on full L x L scores, plain indexing, (N, R, D) negatives).
 ``--window N`` gives the genrec path ``train.length_window = N`` batching instead (faster still, but
-it changes the batches, and it slowed learning on ML-1M: see the parity section of RESULTS.md). Each (model, path) runs in its own process so peak RSS is its
-own. Reported: seconds per step, real training tokens per second (padding excluded), useful FLOP/s
-(matmul work an ideal jagged implementation must do, forward + backward = 3 x forward) as a share of
-the measured fp32 matmul rate, peak RSS, and the full-ranking evaluation rate of the 6,040 ML-1M users
-(model forward included, history excluded). ``--write`` replaces the table in benchmarks/RESULTS.md.
+it changes the batches, and it slowed learning on ML-1M: see the parity section of RESULTS.md). Each
+(model, path) runs in its own process so peak RSS is its own, ``--repeats`` times, the two paths
+alternating (this VM's speed drifts by 20-50 % between minutes: the speed-up is the median of the
+ratios of runs made one after the other). Reported: seconds per step, real training tokens per
+second (padding excluded), useful FLOP/s (matmul work an ideal jagged implementation must do, forward
++ backward = 3 x forward) as a share of the measured fp32 matmul rate, peak RSS, and the full-ranking
+evaluation rate of the 6,040 ML-1M users (model forward included, history excluded). ``--write`` replaces the table in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -122,6 +124,24 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
             "eval_s": eval_s if path == "genrec" else None}
 
 
+def _row(model: str, path: str, runs: dict, fp32: float) -> str:
+    """One table row: medians over the repeats; the dense row carries the speed-up, the median of the
+    genrec / dense ratios of runs made one after the other (their range in brackets)."""
+    rs = runs[path]
+
+    def med(key):
+        return statistics.median(r[key] for r in rs)
+
+    speed = ""
+    if path == "dense" and "genrec" in runs:
+        ratios = sorted(g["tokens_per_s"] / d["tokens_per_s"] for g, d in zip(runs["genrec"], rs))
+        speed = f"{statistics.median(ratios):.1f}x" + (f" ({ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else "")
+    ev = f"{med('eval_users_per_s'):,.0f} ({med('eval_s'):.1f} s)" if rs[0]["eval_users_per_s"] else ""
+    return (f"| {model} | {path} | {med('s_per_step'):.2f} | {med('tokens_per_s'):,.0f} | {speed} | "
+            f"{med('flops_per_s') / 1e9:.1f} | {100 * med('flops_per_s') / fp32:.1f} % | "
+            f"{max(r['peak_rss_gib'] for r in rs):.2f} | {ev} |")
+
+
 def ensure_ml1m(data_dir: str | None) -> str:
     if data_dir:
         return data_dir
@@ -141,6 +161,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--paths", nargs="+", default=["genrec", "dense"], choices=["genrec", "dense"])
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per (model, path)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each path per model (medians reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--window", type=int, default=0, help="train.length_window of the genrec path (0: random batches)")
     ap.add_argument("--data", default=None, help="prepared ML-1M directory (default: data/ml-1m or built)")
@@ -159,7 +180,8 @@ def main() -> None:
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     lines = [f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
              f"matmul fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s (1024^3, best of 10).",
-             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per row; "
+             f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per run, {args.repeats} alternating "
+             "runs per path (medians; speed-up = median of the ratios of consecutive runs, range in brackets); "
              + ("both paths on the same random batches" if not args.window else
                 f"genrec on length-sorted batches (train.length_window={args.window}), dense on random batches")
              + "; the dense path pads every batch to 200.", "",
@@ -168,18 +190,15 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for model in args.models:
-        results = {}
+        runs = {path: [] for path in args.paths}
+        for _ in range(args.repeats):  # the paths alternate, so a drift of this VM's speed hits both
+            for path in args.paths:
+                cmd = [sys.executable, __file__, "--one", model, path, "--data", data, "--steps", str(args.steps),
+                       "--threads", str(args.threads), "--window", str(args.window)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                runs[path].append(json.loads(out))
         for path in args.paths:
-            cmd = [sys.executable, __file__, "--one", model, path, "--data", data, "--steps", str(args.steps),
-                   "--threads", str(args.threads), "--window", str(args.window)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            r = results[path] = json.loads(out)
-            base = results.get("dense")
-            speed = (f"{results['genrec']['tokens_per_s'] / base['tokens_per_s']:.1f}x"
-                     if path == "dense" and "genrec" in results else "")
-            ev = f"{r['eval_users_per_s']:,.0f} ({r['eval_s']:.1f} s)" if r["eval_users_per_s"] else ""
-            line = (f"| {model} | {path} | {r['s_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {speed} | "
-                    f"{r['flops_per_s'] / 1e9:.1f} | {100 * r['flops_per_s'] / fp32:.1f} % | {r['peak_rss_gib']:.2f} | {ev} |")
+            line = _row(model, path, runs, fp32)
             lines.append(line)
             print(line, flush=True)
     if args.write:

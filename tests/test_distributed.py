@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,5 +85,8 @@ def test_ranks_split_the_global_batch(tiny_data_dir):
     split = leave_one_out(store)
     one = TrainLoader(store, split, 32, 20, seed=1).batches(0)
     two = [TrainLoader(store, split, 32, 20, seed=1, rank=r, world_size=2).batches(0) for r in range(2)]
+    lengths = np.minimum(split.train_end - store.offsets[:-1] - 1, 20)  # training positions, capped at max_len
     for g, r0, r1 in zip(one, *two):
-        assert list(g) == list(r0) + list(r1)  # the ranks' slices make up the single-process batch
+        assert list(g[0::2]) == list(r0) and list(g[1::2]) == list(r1)  # together: the single-process batch
+        for rows in (g, r0, r1):
+            assert np.all(np.diff(lengths[rows]) <= 0)  # longest first (no row permutation in attention)

@@ -105,7 +105,9 @@ class TrainLoader:
     shuffled again: rows of a batch have similar lengths, so trimmed batches carry little padding,
     while every epoch still visits every user once in a random order of batches.
 
-    The order depends only on (seed, epoch), so resuming at an epoch boundary replays exactly.
+    Inside a batch the rows are ordered longest first, so the models' jagged attention needs no row
+    permutation. The order depends only on (seed, epoch), so resuming at an epoch boundary replays
+    exactly.
     """
 
     def __init__(self, store: SequenceStore, split: Split, batch_size: int, max_len: int, seed: int = 0,
@@ -128,8 +130,9 @@ class TrainLoader:
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The user ids of each batch of ``epoch``, in training order.
 
-        ``batch_size`` is the global batch; with ``world_size > 1`` each rank gets its contiguous slice
-        of every global batch, so all ranks together see exactly the single-process batches.
+        ``batch_size`` is the global batch, its rows longest first; with ``world_size > 1`` each rank
+        gets every ``world_size``-th row of it (its own rows stay longest first and the ranks' shares of
+        tokens stay balanced), so all ranks together see exactly the single-process batches.
         """
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(len(self.users))
@@ -138,12 +141,14 @@ class TrainLoader:
             window = np.arange(len(perm)) // (self.length_window * B)
             perm = perm[np.lexsort((self.lengths[perm], window))]  # sort by length inside each window
             cuts = [perm[s:s + B] for s in range(0, len(perm), B)]
-            batches = [self.users[cuts[i]] for i in rng.permutation(len(cuts))]
+            cuts = [cuts[i] for i in rng.permutation(len(cuts))]
         else:
-            batches = [self.users[perm[s:s + B]] for s in range(0, len(perm), B)]
-        if self.world_size > 1:
-            batches = [np.array_split(b, self.world_size)[self.rank] for b in batches]
-        return batches
+            cuts = [perm[s:s + B] for s in range(0, len(perm), B)]
+        # rows longest first: jagged attention then needs no row permutation (the loss is a mean over positions)
+        cuts = [c[np.argsort(-self.lengths[c], kind="stable")] for c in cuts]
+        if self.world_size > 1:  # every world_size-th row: the ranks get equal shares of long and short rows
+            cuts = [c[self.rank::self.world_size] for c in cuts]
+        return [self.users[c] for c in cuts]
 
     def epoch(self, epoch: int):
         for users in self.batches(epoch):
