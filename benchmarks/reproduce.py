@@ -115,7 +115,7 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
     ensure_dataset(row.dataset)
     for seed in row.seeds:
         out = run_dir(row, seed)
-        if (out / "report.json").is_file() and not _capped_below(out, epochs):
+        if (out / "report.json").is_file() and not _preset_asks_more(row, out, epochs):
             print(f"{row.key} seed {seed}: done", flush=True)
             continue
         resume = (out / "last.pt").is_file()
@@ -132,13 +132,18 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
             sys.exit(f"{row.key} seed {seed} failed (exit {result.returncode}); rerun this command to resume")
 
 
-def _capped_below(out: Path, epochs: int | None) -> bool:
-    """A finished run that stopped at a smaller epoch cap than the one asked for now: continue it."""
-    if not epochs or not (out / "config.toml").is_file():
+def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:
+    """A finished run whose preset now asks for more: more epochs (or a larger ``--epochs`` than the run
+    had) or another early-stopping patience. ``genrec train --resume`` then continues it (or, when there
+    is nothing more to do, just returns its report)."""
+    if not (out / "config.toml").is_file():
         return False
     import tomllib
 
-    return tomllib.loads((out / "config.toml").read_text())["train"]["epochs"] < epochs
+    had = tomllib.loads((out / "config.toml").read_text())["train"]
+    want = tomllib.loads((REPO / row.config).read_text()).get("train", {})
+    want_epochs = epochs or want.get("epochs", had["epochs"])  # --epochs N runs train.epochs=N
+    return had["epochs"] < want_epochs or had.get("patience", 0) != want.get("patience", had.get("patience", 0))
 
 
 def row_results(row: Row) -> dict | None:

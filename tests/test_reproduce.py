@@ -68,3 +68,23 @@ def test_train_command_resumes_and_caps_epochs():
     assert cmd[:4] == ["genrec", "train", "configs/lastfm/hstu.toml", "train.seed=2"]
     assert "train.epochs=30" in cmd and cmd[-1] == "--resume"
     assert cmd[cmd.index("--out") + 1].endswith("lastfm-hstu/seed2")
+
+
+def test_finished_runs_continue_when_the_preset_asks_for_more(tmp_path, monkeypatch):
+    preset = tmp_path / "configs" / "x" / "m.toml"
+    preset.parent.mkdir(parents=True)
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    row = reproduce.Row("x", "m")
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def state(run_epochs, run_patience, preset_epochs, preset_patience, cap=None):
+        (out / "config.toml").write_text(f"[train]\nepochs = {run_epochs}\npatience = {run_patience}\n")
+        preset.write_text(f"[train]\nepochs = {preset_epochs}\npatience = {preset_patience}\n")
+        return reproduce._preset_asks_more(row, out, cap)
+
+    assert not state(101, 0, 101, 0)
+    assert state(101, 0, 200, 0)  # more epochs
+    assert state(200, 20, 200, 50)  # another patience (lifts an early stop)
+    assert not state(200, 0, 101, 0)  # fewer epochs than the run had: nothing to do
+    assert state(30, 0, 200, 0, cap=50) and not state(50, 0, 200, 0, cap=50)  # --epochs N sets train.epochs

@@ -138,6 +138,15 @@ def test_early_stopping(tiny_data_dir, tmp_path):
     assert epochs == [1, 2, 3]
     assert report["best_epoch"] == 1
     assert torch.load(run / "last.pt", weights_only=True)["state"]["stopped"] is True
+    # a larger patience on resume lifts the stop: 3 more validations without gain (5 in all), then it stops again
+    report = train(tiny_config(tiny_data_dir, epochs=10, lr=1e-12, patience=5, max_steps_per_epoch=1), run,
+                   resume=True, echo=quiet)
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]
+    assert epochs == [1, 2, 3, 4, 5, 6] and report["best_epoch"] == 1
+    # the same patience again: the run is finished, resuming only returns its report
+    again = train(tiny_config(tiny_data_dir, epochs=10, lr=1e-12, patience=5, max_steps_per_epoch=1), run,
+                  resume=True, echo=quiet)
+    assert again == report and len([r for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]) == 6
 
 
 @pytest.mark.parametrize("model", ["sasrec", "hstu", "bert4rec", "mamba4rec", "gru4rec"])

@@ -113,8 +113,8 @@ def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Opt
 
 
 def _resume_view(config: dict) -> dict:
-    """The parts of a config that must not change on resume (epochs, threads and device may)."""
-    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "threads", "device")}
+    """The parts of a config that must not change on resume (epochs, patience, threads and device may)."""
+    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "patience", "threads", "device")}
     return {**config, "train": train}
 
 
@@ -198,12 +198,17 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         if device.type == "cuda" and ckpt["rng"].get("cuda_ranks"):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda_ranks"][d.rank].cpu(), device)
         state = dict(ckpt["state"])
+        if state["stopped"] and (not tc.patience or state["bad_evals"] < tc.patience):
+            state["stopped"] = False  # stopped early, but the patience given now lets it go on
+            echo(f"early stop lifted: {state['bad_evals']} validations without gain, train.patience={tc.patience}")
         report_path = run_dir / "report.json"
         if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
+            if d.is_main:
+                (run_dir / "config.toml").write_text(cfg.to_toml())  # what it was last resumed with
             echo(f"{run_dir} is finished; its report:")
             return json.loads(report_path.read_text())
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
-    elif d.is_main:
+    if d.is_main:  # on resume too: epochs or patience may have changed
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
     log = MetricsLog(run_dir / "metrics.jsonl", echo) if d.is_main else None
