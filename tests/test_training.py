@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -204,6 +206,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     torch.testing.assert_close(ck.load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one survives
     with pytest.raises(FileNotFoundError):
         ck.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_text_files_of_a_run_are_replaced_atomically(tmp_path, monkeypatch):
+    from genrec.train import checkpoint as ck
+
+    path = tmp_path / "report.json"
+    ck.write_text_atomically(path, '{"old": 1}')
+    real_write = Path.write_text
+
+    def broken_write(self, text, *args, **kwargs):
+        real_write(self, text[:3])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken_write)
+    with pytest.raises(OSError):
+        ck.write_text_atomically(path, '{"new": 2}')
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"] and path.read_text() == '{"old": 1}'
 
 
 def test_damaged_checkpoints_give_clear_errors(tmp_path):

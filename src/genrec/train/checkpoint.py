@@ -14,17 +14,26 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    path = Path(path)
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    _replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """The run's small text files (config.toml, report.json): never half-written either."""
+    _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 class CheckpointError(ValueError):

@@ -36,7 +36,7 @@ from genrec.data.store import SequenceStore
 from genrec.eval.ranking import Report, evaluate_model, evaluate_popularity
 from genrec.losses import Loss
 from genrec.models import build_model
-from genrec.train.checkpoint import load_checkpoint, save_checkpoint
+from genrec.train.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from genrec.train.distributed import DDPModel, Dist, setup, teardown
 
 
@@ -204,12 +204,12 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         report_path = run_dir / "report.json"
         if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
             if d.is_main:
-                (run_dir / "config.toml").write_text(cfg.to_toml())  # what it was last resumed with
+                write_text_atomically(run_dir / "config.toml", cfg.to_toml())  # what it was last resumed with
             echo(f"{run_dir} is finished; its report:")
             return json.loads(report_path.read_text())
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
     if d.is_main:  # on resume too: epochs or patience may have changed
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        write_text_atomically(run_dir / "config.toml", cfg.to_toml())
 
     log = MetricsLog(run_dir / "metrics.jsonl", echo) if d.is_main else None
     n_params = sum(p.numel() for p in model.parameters())
@@ -297,6 +297,6 @@ def finish(cfg: Config, run_dir: Path, model, loss_fn: Loss, store: SequenceStor
     report = {"model": cfg.to_dict()["model"]["name"], "best_epoch": best["epoch"], "valid": best["valid"],
               "test": test.metrics, "popularity_test": pop.metrics, "protocol": test.protocol,
               "num_test_users": test.num_users}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2))
     log.write({"final": True, **report})
     return report
