@@ -5,8 +5,8 @@ Every loss takes the hidden states of the positions that have a target, ``querie
 a candidate), and returns a scalar mean loss. Scoring goes through :class:`genrec.models.scoring.Scorer`
 so training and evaluation compare queries and items the same way (dot or cosine, / temperature).
 
-- ``full_softmax``: cross-entropy over all items, computed in chunks of positions with activation
-  recomputation so memory stays bounded by ``chunk_size x I``.
+- ``full_softmax``: cross-entropy over all items, computed in chunks of positions whose gradients are
+  made in the same pass, so memory stays bounded by ``chunk_size x I`` and nothing is recomputed.
 - ``sampled_softmax``: the target against R uniform negatives drawn per position; negatives equal to the
   target (accidental hits) are masked; optional logQ correction (a no-op for uniform sampling, kept for
   non-uniform samplers).
