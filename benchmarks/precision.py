@@ -32,7 +32,7 @@ def train(config: str, precision: str, seed: int, epochs: int) -> Path:
     if (out / "report.json").is_file():
         return out
     cmd = [sys.executable, "-m", "genrec.cli", "train", config, f"train.precision={precision}", f"train.seed={seed}",
-           f"train.epochs={epochs}", "train.threads=1", "train.patience=0", "--out", str(out)]
+           f"train.epochs={epochs}", "train.threads=1", "train.patience=0", "train.eval_every=1", "--out", str(out)]
     if (out / "last.pt").is_file():
         cmd.append("--resume")
     print(" ".join(cmd[2:]), flush=True)

@@ -138,12 +138,11 @@ def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:
     is nothing more to do, just returns its report)."""
     if not (out / "config.toml").is_file():
         return False
-    import tomllib
+    from genrec.config import load_config
 
-    had = tomllib.loads((out / "config.toml").read_text())["train"]
-    want = tomllib.loads((REPO / row.config).read_text()).get("train", {})
-    want_epochs = epochs or want.get("epochs", had["epochs"])  # --epochs N runs train.epochs=N
-    return had["epochs"] < want_epochs or had.get("patience", 0) != want.get("patience", had.get("patience", 0))
+    had = load_config(out / "config.toml").train
+    want = load_config(REPO / row.config).train  # the preset with the defaults the trainer would fill in
+    return had.epochs < (epochs or want.epochs) or had.patience != want.patience  # --epochs N: train.epochs=N
 
 
 def row_results(row: Row) -> dict | None:

@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        ap.error("--repeats and --steps must be at least 1")
 
     if args.one:
         from genrec.system import tune_allocator

@@ -97,6 +97,41 @@ def test_full_softmax_under_bf16_autocast():
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
+def test_full_softmax_bf16_gradients_with_confident_targets():
+    """Under bf16 autocast the gradient matmuls take softmax - one_hot formed in fp32: with targets of
+    probability ~1 the two terms nearly cancel, and rounding them separately would swamp the gradient."""
+    g = torch.Generator().manual_seed(8)
+    items = F.normalize(torch.randn(1001, 16, generator=g), dim=-1)
+    targets = torch.randint(1, 1001, (64,), generator=g)
+    q = F.normalize(items[targets] + 0.05 * torch.randn(64, 16, generator=g), dim=-1)
+    want = _grads(lambda q, it: _full_softmax_plain(q, targets, it, 0.05), q, items)
+    assert want[0] < 0.05  # confident: the loss is near 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(lambda q, it: full_softmax(q, targets, it, 0.05), q, items)
+        plain = _grads(lambda q, it: _full_softmax_plain(q, targets, it, 0.05), q, items)
+    for a, p_, b in zip(got[1:], plain[1:], want[1:]):
+        err, plain_err = ((a - b).norm() / b.norm()).item(), ((p_ - b).norm() / b.norm()).item()
+        assert err < 0.1 and err < 2 * plain_err + 0.02, (err, plain_err)
+
+
+def test_full_softmax_without_autograd_makes_no_gradients(monkeypatch):
+    import genrec.losses as losses
+
+    calls = []
+    real = losses._softmax_pass
+    monkeypatch.setattr(losses, "_softmax_pass", lambda *a, **k: calls.append(k["grads"]) or real(*a, **k))
+    q, targets, items = _inputs()
+    q.requires_grad_(True)
+    with torch.no_grad():
+        full_softmax(q, targets, items, 0.5)
+    full_softmax(q.detach(), targets, items, 0.5)
+    full_softmax(q, targets, items, 0.5)
+    assert calls == [False, False, True]
+    fp64 = full_softmax(q.detach().double(), targets, items.double(), 0.5)
+    assert fp64.dtype == torch.float64
+    torch.testing.assert_close(fp64, _full_softmax_brute(q.detach().double(), targets, items.double(), 0.5))
+
+
 def test_full_softmax_no_grad_path():
     q, targets, items = _inputs()
     with torch.no_grad():

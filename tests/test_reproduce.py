@@ -79,11 +79,18 @@ def test_finished_runs_continue_when_the_preset_asks_for_more(tmp_path, monkeypa
     out.mkdir()
 
     def state(run_epochs, run_patience, preset_epochs, preset_patience, cap=None):
-        (out / "config.toml").write_text(f"[train]\nepochs = {run_epochs}\npatience = {run_patience}\n")
-        preset.write_text(f"[train]\nepochs = {preset_epochs}\npatience = {preset_patience}\n")
+        def toml(epochs, patience):
+            return '[model]\nname = "sasrec"\n[train]\n' + (f"epochs = {epochs}\n" if epochs else "") + (
+                f"patience = {patience}\n" if patience is not None else "")
+        (out / "config.toml").write_text(toml(run_epochs, run_patience))
+        preset.write_text(toml(preset_epochs, preset_patience))
         return reproduce._preset_asks_more(row, out, cap)
 
+    from genrec.config import TrainConfig
+
     assert not state(101, 0, 101, 0)
+    default = TrainConfig().patience
+    assert state(101, default + 5, 101, None) and not state(101, default, 101, None)  # a preset without patience
     assert state(101, 0, 200, 0)  # more epochs
     assert state(200, 20, 200, 50)  # another patience (lifts an early stop)
     assert not state(200, 0, 101, 0)  # fewer epochs than the run had: nothing to do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from pathlib import Path
 
@@ -224,6 +225,18 @@ def test_text_files_of_a_run_are_replaced_atomically(tmp_path, monkeypatch):
         ck.write_text_atomically(path, '{"new": 2}')
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"] and path.read_text() == '{"old": 1}'
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as a file written in place
+
+
+def test_resume_with_a_smaller_patience_stops(tiny_data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_config(tiny_data_dir, epochs=4, lr=1e-12, patience=0, max_steps_per_epoch=1), run, echo=quiet)
+    report = train(tiny_config(tiny_data_dir, epochs=10, lr=1e-12, patience=2, max_steps_per_epoch=1), run,
+                   resume=True, echo=quiet)  # 3 validations without gain already: nothing more to train
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r] == [1, 2, 3, 4]
+    assert report["best_epoch"] == 1
 
 
 def test_damaged_checkpoints_give_clear_errors(tmp_path):

@@ -49,7 +49,7 @@ class LossConfig:
     temperature: float = 0.05  # logits are divided by this (softmax losses)
     l2_norm: bool = True  # L2-normalise queries and item embeddings (cosine scoring)
     logq_correction: bool = False  # sampled_softmax / in_batch: subtract log sampling probability
-    chunk_size: int = 4096  # full_softmax: positions scored per chunk (bounds memory)
+    chunk_size: int = 4096  # full_softmax: positions scored per chunk (bounds memory; at most 512 are used)
 
 
 @dataclass

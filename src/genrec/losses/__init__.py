@@ -23,6 +23,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from genrec.config import LossConfig
 from genrec.models.scoring import Scorer
@@ -34,8 +35,47 @@ SOFTMAX_ROWS = 512  # full softmax: positions per chunk at most ...
 SOFTMAX_BLOCK = 2**24  # ... and logits per chunk at most (64 MiB in fp32)
 
 
+def _softmax_pass(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int,
+                  grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean cross-entropy of ``(q / temperature) @ items.T`` (column 0 excluded) and, with ``grads``, its
+    gradients with respect to q and items: one pass over chunks of positions (see ``_FullSoftmax``)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax under bf16 autocast; fp64 stays fp64
+    q_scaled = q / temperature
+    dq = q.new_empty(q.shape, dtype=dtype) if grads else None
+    ditems = items.new_zeros(items.shape, dtype=dtype) if grads else None
+    autocast = torch.is_autocast_enabled(q.device.type)
+    total = q.new_zeros((), dtype=dtype)
+    chunk_size = max(1, min(chunk_size, SOFTMAX_ROWS, SOFTMAX_BLOCK // items.shape[0]))
+    for s in range(0, len(q), chunk_size):
+        qc, tc = q_scaled[s:s + chunk_size], targets[s:s + chunk_size]
+        logits = (qc @ items.T).to(dtype)  # (n, I + 1)
+        logits[:, 0] = NEG_INF  # padding is never a candidate
+        target_logit = logits.gather(1, tc[:, None]).squeeze(1)
+        top = logits.amax(dim=1, keepdim=True)
+        e = logits.sub_(top).exp_()  # in place: exp(logit - max)
+        norm = e.sum(dim=1, keepdim=True)  # softmax = e / norm
+        total += (top.squeeze(1) + norm.log().squeeze(1) - target_logit).sum()
+        if not grads:
+            continue
+        # d loss / d logits = e / norm - one_hot(target)
+        if autocast:  # bf16 matmuls: subtract the one-hot before rounding (for a confident target the two
+            g = e.div_(norm)  # terms nearly cancel, and rounding them separately swamps the difference)
+            g[torch.arange(len(tc), device=q.device), tc] -= 1.0
+            dq[s:s + chunk_size] = g @ items
+            ditems += g.T @ qc
+        else:  # 1 / norm and the one-hot fold into the matmuls: no pass over the (n, I + 1) block for them
+            dq[s:s + chunk_size] = (e @ items.to(dtype)).div_(norm).sub_(items[tc].to(dtype))
+            qn = qc.to(dtype)
+            ditems += e.T @ (qn / norm)
+            ditems.index_add_(0, tc, qn, alpha=-1.0)
+    n = max(1, len(q))
+    if grads:
+        return total / n, (dq / (n * temperature)).to(q.dtype), (ditems / n).to(items.dtype)
+    return total / n, None, None
+
+
 class _FullSoftmax(torch.autograd.Function):
-    """Mean cross-entropy of ``(q / temperature) @ items.T`` (column 0 excluded), gradients made in forward.
+    """Full-softmax cross-entropy whose gradients are made in the forward pass.
 
     The loss is a scalar, so its gradients are known up to the upstream scale as soon as the softmax
     of a chunk is: each chunk's logits become ``softmax - one_hot`` in place and go straight into the two
@@ -51,32 +91,12 @@ class _FullSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float,
                 chunk_size: int) -> torch.Tensor:
-        q_scaled = q / temperature
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dq = q.new_empty(q.shape, dtype=torch.float32) if grads else None
-        ditems = items.new_zeros(items.shape, dtype=torch.float32) if grads else None
-        total = q.new_zeros((), dtype=torch.float32)
-        chunk_size = max(1, min(chunk_size, SOFTMAX_ROWS, SOFTMAX_BLOCK // items.shape[0]))
-        for s in range(0, len(q), chunk_size):
-            qc, tc = q_scaled[s:s + chunk_size], targets[s:s + chunk_size]
-            logits = (qc @ items.T).float()  # (n, I + 1); fp32 for the softmax under autocast
-            logits[:, 0] = NEG_INF  # padding is never a candidate
-            target_logit = logits.gather(1, tc[:, None]).squeeze(1)
-            top = logits.amax(dim=1, keepdim=True)
-            e = logits.sub_(top).exp_()  # in place: exp(logit - max)
-            norm = e.sum(dim=1, keepdim=True)  # softmax = e / norm
-            total += (top.squeeze(1) + norm.log().squeeze(1) - target_logit).sum()
-            if grads:  # d loss / d logits = e / norm - one_hot(target); 1 / norm and the one-hot fold into the matmuls
-                dq[s:s + chunk_size] = (e @ items.float()).div_(norm).sub_(items[tc].float())
-                qn = qc.float()
-                ditems += e.T @ (qn / norm)
-                ditems.index_add_(0, tc, qn, alpha=-1.0)
-        n = max(1, len(q))
-        if grads:
-            ctx.save_for_backward((dq / (n * temperature)).to(q.dtype), (ditems / n).to(items.dtype))
-        return total / n
+        loss, dq, ditems = _softmax_pass(q, items, targets, temperature, chunk_size, grads=True)
+        ctx.save_for_backward(dq, ditems)
+        return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         dq, ditems = ctx.saved_tensors
         return dq * grad, ditems * grad, None, None, None
@@ -84,7 +104,9 @@ class _FullSoftmax(torch.autograd.Function):
 
 def full_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, temperature: float,
                  chunk_size: int = 4096) -> torch.Tensor:
-    return _FullSoftmax.apply(q, items, targets, temperature, chunk_size)
+    if torch.is_grad_enabled() and (q.requires_grad or items.requires_grad):
+        return _FullSoftmax.apply(q, items, targets, temperature, chunk_size)
+    return _softmax_pass(q, items, targets, temperature, chunk_size, grads=False)[0]  # evaluation: one matmul
 
 
 GATHER_CHUNK = 64  # positions per chunk when gathering negative embeddings: (64, R, D) stays in cache
@@ -132,9 +154,11 @@ class _NegativeScores(torch.autograd.Function):
 
 
 def _gathered_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    if q.dtype in (torch.float32, torch.float64) and items.dtype == q.dtype and negatives.shape[1] <= len(items):
+    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and items.dtype == q.dtype
+            and 0 < negatives.shape[1] <= len(items)):
         return _sampled_scores(q, items, negatives)
-    # bf16 under autocast (sampled_addmm takes fp32/fp64 only); more draws per row than items (it refuses those)
+    # bf16 under autocast (sampled_addmm takes fp32/fp64 only); more draws per row than items (it refuses
+    # those); GPUs (cuSPARSE's SDDMM is not documented for the repeated, unsorted columns of this pattern)
     return _gather_multiply_sum(q, items, negatives)
 
 

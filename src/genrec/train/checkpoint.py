@@ -14,12 +14,17 @@ from pathlib import Path
 import torch
 
 
+_UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), then put back
+os.umask(_UMASK)
+
+
 def _replace_atomically(path: Path, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a plain open() would not
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

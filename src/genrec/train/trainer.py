@@ -198,15 +198,14 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         if device.type == "cuda" and ckpt["rng"].get("cuda_ranks"):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda_ranks"][d.rank].cpu(), device)
         state = dict(ckpt["state"])
-        if state["stopped"] and (not tc.patience or state["bad_evals"] < tc.patience):
-            state["stopped"] = False  # stopped early, but the patience given now lets it go on
-            echo(f"early stop lifted: {state['bad_evals']} validations without gain, train.patience={tc.patience}")
+        was_stopped = state["stopped"]
+        state["stopped"] = bool(tc.patience) and state["bad_evals"] >= tc.patience  # patience may change on resume
         report_path = run_dir / "report.json"
         if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
-            if d.is_main:
-                write_text_atomically(run_dir / "config.toml", cfg.to_toml())  # what it was last resumed with
             echo(f"{run_dir} is finished; its report:")
             return json.loads(report_path.read_text())
+        if was_stopped and not state["stopped"]:
+            echo(f"early stop lifted: {state['bad_evals']} validations without gain, train.patience={tc.patience}")
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
     if d.is_main:  # on resume too: epochs or patience may have changed
         write_text_atomically(run_dir / "config.toml", cfg.to_toml())
