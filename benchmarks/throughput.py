@@ -15,7 +15,8 @@ alternating (this VM's speed drifts by 20-50 % between minutes: the speed-up is 
 ratios of runs made one after the other). Reported: seconds per step, real training tokens per
 second (padding excluded), useful FLOP/s (matmul work an ideal jagged implementation must do, forward
 + backward = 3 x forward) as a share of the measured fp32 matmul rate, peak RSS, and the full-ranking
-evaluation rate of the 6,040 ML-1M users (model forward included, history excluded). ``--write`` replaces the table in benchmarks/RESULTS.md.
+evaluation rate of the 6,040 ML-1M users (model forward included, history excluded). ``--write``
+replaces the table in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def _row(model: str, path: str, runs: dict, fp32: float) -> str:
     speed = ""
     if path == "dense" and "genrec" in runs:
         ratios = sorted(g["tokens_per_s"] / d["tokens_per_s"] for g, d in zip(runs["genrec"], rs))
-        speed = f"{statistics.median(ratios):.1f}x" + (f" ({ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else "")
+        spread = f" ({ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else ""
+        speed = f"{statistics.median(ratios):.1f}x{spread}"
     ev = f"{med('eval_users_per_s'):,.0f} ({med('eval_s'):.1f} s)" if rs[0]["eval_users_per_s"] else ""
     return (f"| {model} | {path} | {med('s_per_step'):.2f} | {med('tokens_per_s'):,.0f} | {speed} | "
             f"{med('flops_per_s') / 1e9:.1f} | {100 * med('flops_per_s') / fp32:.1f} % | "

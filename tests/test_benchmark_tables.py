@@ -15,7 +15,8 @@ def fake_run(out: Path, hrs: list[float], best: int, test_hr: float, seconds: fl
     lines = [{"epoch": e + 1, "seconds": seconds, "valid": {"hr@10": h, "ndcg@10": h / 2}} for e, h in enumerate(hrs)]
     lines.append({"final": True, "best_epoch": best})
     (out / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    (out / "report.json").write_text(json.dumps({"best_epoch": best, "test": {"hr@10": test_hr, "ndcg@10": test_hr / 2}}))
+    test = {"hr@10": test_hr, "ndcg@10": test_hr / 2}
+    (out / "report.json").write_text(json.dumps({"best_epoch": best, "test": test}))
     return out
 
 

@@ -94,7 +94,8 @@ class CausalSelfAttention(nn.Module):
         if not tokens.packed:
             return self.proj(tokens.pack(self.attend(qkv)))
         order, sizes, tops = length_groups(lengths.clamp(min=1, max=L))
-        if order is not None:  # one gather each way: indexing each group would zero-fill all of qkv per group in backward
+        # one row permutation each way: indexing each group instead would zero-fill all of qkv per group in backward
+        if order is not None:
             inverse = torch.argsort(order)
             qkv = permute_rows(qkv, order, inverse)
         parts = [F.pad(self.attend(g[:, :m]), (0, 0, 0, L - m)) for g, m in zip(torch.split(qkv, sizes), tops)]
