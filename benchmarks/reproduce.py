@@ -146,18 +146,22 @@ def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:
 
 
 def row_results(row: Row) -> dict | None:
-    reports, walls, epochs_run, commands = [], [], [], []
+    """The finished seeds' reports (None when no seed has finished yet); ``seeds`` says which."""
+    reports, walls, epochs_run, commands, seeds = [], [], [], [], []
     for seed in row.seeds:
         out = run_dir(row, seed)
         if not (out / "report.json").is_file():
-            return None
+            continue
+        seeds.append(seed)
         reports.append(json.loads((out / "report.json").read_text()))
         wall = json.loads((out / "wall.json").read_text()) if (out / "wall.json").is_file() else {}
         walls.append(wall.get("seconds", float("nan")))
         commands.append(wall.get("command", ""))
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         epochs_run.append(max(r["epoch"] for r in records if "epoch" in r))
-    return {"reports": reports, "walls": walls, "epochs": epochs_run, "commands": commands}
+    if not seeds:
+        return None
+    return {"reports": reports, "walls": walls, "epochs": epochs_run, "commands": commands, "seeds": seeds}
 
 
 def fmt(values: list[float]) -> str:
@@ -169,7 +173,8 @@ def fmt(values: list[float]) -> str:
 def table() -> str:
     lines = ["Protocol for every row: leave-one-out per user (last event = test, second-to-last = validation), "
              "full ranking over all items with the user's history excluded, test metrics at the epoch chosen "
-             "on validation NDCG@10. Rows with three seeds show mean ± std. `pop` = popularity baseline on the "
+             "on validation NDCG@10. Rows with three seeds show mean ± std (rows still running: the seeds done so "
+             "far, their verdict marked 'so far'). `pop` = popularity baseline on the "
              "same test split. Wall time = `genrec train` on this 2-core machine (all seeds, summed).", "",
              "| dataset | model | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | published HR@10 / "
              "NDCG@10 | target | epochs run (best) | wall | pop HR@10 | command | note |",
@@ -177,10 +182,9 @@ def table() -> str:
     for row in ROWS:
         res = row_results(row)
         if res is None:
-            done = sum((run_dir(row, s) / "report.json").is_file() for s in row.seeds)
-            lines.append(f"| {row.dataset} | {row.model} | not run yet ({done}/{len(row.seeds)} seeds) |"
-                         + " |" * 14)
+            lines.append(f"| {row.dataset} | {row.model} | not run yet (0/{len(row.seeds)} seeds) |" + " |" * 14)
             continue
+        partial = len(res["seeds"]) < len(row.seeds)
         cells = [fmt([r["test"][m] for r in res["reports"]]) for m in METRICS]
         hr = statistics.mean(r["test"]["hr@10"] for r in res["reports"])
         nd = statistics.mean(r["test"]["ndcg@10"] for r in res["reports"])
@@ -195,13 +199,17 @@ def table() -> str:
                 verdict = _above_sasrec(row, hr, nd)
             else:
                 verdict = row.target
+            if partial:
+                verdict = f"so far: {verdict}"
         best = ", ".join(str(r["best_epoch"]) for r in res["reports"])
         epochs = f"{', '.join(map(str, res['epochs']))} ({best})"
         wall = f"{sum(res['walls']) / 60:.0f} min"
         pop = f"{res['reports'][0]['popularity_test']['hr@10']:.4f}"
         cmd = f"`{res['commands'][0]}`" + (f" (seeds {', '.join(map(str, row.seeds))})" if len(row.seeds) > 1 else "")
+        note = "; ".join(x for x in (f"seeds done: {', '.join(map(str, res['seeds']))} of {len(row.seeds)}"
+                                     if partial else "", row.note) if x)
         lines.append(f"| {row.dataset} | {row.model} | " + " | ".join(cells)
-                     + f" | {pub} | {verdict} | {epochs} | {wall} | {pop} | {cmd} | {row.note} |")
+                     + f" | {pub} | {verdict} | {epochs} | {wall} | {pop} | {cmd} | {note} |")
     return "\n".join(lines)
 
 
@@ -213,7 +221,8 @@ def _above_sasrec(row: Row, hr: float, nd: float) -> str:
         return row.target + " (our SASRec row is not run yet)"
     b_hr = statistics.mean(r["test"]["hr@10"] for r in res["reports"])
     b_nd = statistics.mean(r["test"]["ndcg@10"] for r in res["reports"])
-    head = f"above our SASRec ({b_hr:.4f} / {b_nd:.4f}): "
+    seeds = "" if len(res["seeds"]) == len(base.seeds) else f", {len(res['seeds'])}/{len(base.seeds)} seeds"
+    head = f"above our SASRec ({b_hr:.4f} / {b_nd:.4f}{seeds}): "
     if hr > b_hr and nd > b_nd:
         return head + "met"
     return head + f"MISSED by {100 * (b_hr - hr) / b_hr:.1f} % (HR@10)"

@@ -95,3 +95,18 @@ def test_finished_runs_continue_when_the_preset_asks_for_more(tmp_path, monkeypa
     assert state(200, 20, 200, 50)  # another patience (lifts an early stop)
     assert not state(200, 0, 101, 0)  # fewer epochs than the run had: nothing to do
     assert state(30, 0, 200, 0, cap=50) and not state(50, 0, 200, 0, cap=50)  # --epochs N sets train.epochs
+
+
+def test_rows_still_running_show_their_finished_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    rows = [reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published", seeds=[0, 1, 2]),
+            reproduce.Row("beauty", "hstu", (0.1008, 0.0611), "BSARec (aim)", "above our best SASRec; aim",
+                          seeds=[0, 1, 2])]
+    monkeypatch.setattr(reproduce, "ROWS", rows)
+    fake_run(reproduce.run_dir(rows[0], 0), 0.09)
+    fake_run(reproduce.run_dir(rows[0], 2), 0.07)
+    (reproduce.run_dir(rows[0], 1)).mkdir(parents=True)  # started, not finished
+    fake_run(reproduce.run_dir(rows[1], 1), 0.085)
+    sasrec, hstu = [line for line in reproduce.table().splitlines() if line.startswith("| beauty")]
+    assert "0.0800 ± 0.0141" in sasrec and "so far: met" in sasrec and "seeds done: 0, 2 of 3" in sasrec
+    assert "so far: above our SASRec (0.0800 / 0.0400, 2/3 seeds): met" in hstu and "seeds done: 1 of 3" in hstu
