@@ -124,12 +124,19 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
         wall_file = out / "wall.json"
         spent = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
         t = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "genrec.cli", *cmd[1:]], cwd=REPO)  # this Python's genrec
+        proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", *cmd[1:]], cwd=REPO)  # this Python's genrec
+        command = shlex.join(train_command(row, seed, epochs, False, threads))
+        while True:  # the wall time is kept up to date, so a run killed midway still counts what it spent
+            try:
+                returncode = proc.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                if out.is_dir():
+                    wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": command}))
         out.mkdir(parents=True, exist_ok=True)
-        wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": shlex.join(
-            train_command(row, seed, epochs, False, threads))}))
-        if result.returncode:
-            sys.exit(f"{row.key} seed {seed} failed (exit {result.returncode}); rerun this command to resume")
+        wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": command}))
+        if returncode:
+            sys.exit(f"{row.key} seed {seed} failed (exit {returncode}); rerun this command to resume")
 
 
 def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:

@@ -110,3 +110,30 @@ def test_rows_still_running_show_their_finished_seeds(tmp_path, monkeypatch):
     sasrec, hstu = [line for line in reproduce.table().splitlines() if line.startswith("| beauty")]
     assert "0.0800 ± 0.0141" in sasrec and "so far: met" in sasrec and "seeds done: 0, 2 of 3" in sasrec
     assert "so far: above our SASRec (0.0800 / 0.0400, 2/3 seeds): met" in hstu and "seeds done: 1 of 3" in hstu
+
+
+def test_wall_time_is_recorded_while_a_run_is_going(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    monkeypatch.setattr(reproduce, "ensure_dataset", lambda name: None)
+    row = reproduce.Row("lastfm", "gru4rec")
+    out = reproduce.run_dir(row, 0)
+    out.mkdir(parents=True)
+    (out / "wall.json").write_text(json.dumps({"seconds": 100.0, "command": "x"}))  # an earlier, killed part
+    seen = []
+
+    class FakeRun:  # a training process that is still going at the first check and then ends
+        def __init__(self, cmd, cwd):
+            self.checks = 0
+
+        def wait(self, timeout):
+            self.checks += 1
+            if self.checks == 1:
+                raise reproduce.subprocess.TimeoutExpired("genrec", timeout)
+            seen.append(json.loads((out / "wall.json").read_text())["seconds"])  # written before the end
+            return 0
+
+    monkeypatch.setattr(reproduce.subprocess, "Popen", FakeRun)
+    reproduce.run_row(row, None)
+    final = json.loads((out / "wall.json").read_text())
+    assert seen and 100.0 <= seen[0] <= final["seconds"] < 160.0
+    assert final["command"].startswith("genrec train configs/lastfm/gru4rec.toml")
