@@ -113,7 +113,8 @@ def test_rows_still_running_show_their_finished_seeds(tmp_path, monkeypatch):
 
 
 def test_wall_time_is_recorded_while_a_run_is_going(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(reproduce, "ensure_dataset", lambda name: None)
     row = reproduce.Row("lastfm", "gru4rec")
     out = reproduce.run_dir(row, 0)
