@@ -126,15 +126,19 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", *cmd[1:]], cwd=REPO)  # this Python's genrec
         command = shlex.join(train_command(row, seed, epochs, False, threads))
+
+        def record_wall() -> None:
+            wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": command}))
+
         while True:  # the wall time is kept up to date, so a run killed midway still counts what it spent
             try:
                 returncode = proc.wait(timeout=60)
                 break
             except subprocess.TimeoutExpired:
                 if out.is_dir():
-                    wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": command}))
+                    record_wall()
         out.mkdir(parents=True, exist_ok=True)
-        wall_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - t, "command": command}))
+        record_wall()
         if returncode:
             sys.exit(f"{row.key} seed {seed} failed (exit {returncode}); rerun this command to resume")
 

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens, check_length, is_static, permute_rows
+from genrec.models.layers import Dropout, Tokens, check_length, is_static, longest_first, permute_rows
 
 
 @dataclass
@@ -260,12 +260,9 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
         return _dense_silu_attention(q, k, v, bias)
     row_len = order = None
     if lengths is not None and B > 1:
-        clamped = lengths.clamp(min=1, max=L)
-        if bool((clamped[:-1] >= clamped[1:]).all()):  # already longest first (evaluation, Recommender)
-            row_len = clamped.repeat_interleave(H).tolist()
-        else:
-            sorted_len, order = torch.sort(clamped, descending=True, stable=True)
-            row_len = sorted_len.repeat_interleave(H).tolist()
+        sorted_len, order = longest_first(lengths.clamp(min=1, max=L))
+        row_len = sorted_len.repeat_interleave(H).tolist()
+        if order is not None:
             inverse = torch.argsort(order)
             q, k, v = (permute_rows(t, order, inverse) for t in (q, k, v))
             if bias is not None and bias.shape[0] > 1:

@@ -176,16 +176,22 @@ def permute_rows(t: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     return _PermuteRows.apply(t, order, inverse)
 
 
+def longest_first(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lengths longest first, order): ``order`` sorts the rows, None when they already are longest first
+    (evaluation batches, the Recommender's, and training batches from TrainLoader)."""
+    if bool((lengths[:-1] >= lengths[1:]).all()):
+        return lengths, None
+    sorted_len, order = torch.sort(lengths, descending=True, stable=True)
+    return sorted_len, order
+
+
 def length_groups(lengths: torch.Tensor, group: int = 16) -> tuple[torch.Tensor | None, list[int], list[int]]:
     """(order, sizes, tops): the batch's rows longest first, cut into groups of ``group`` rows.
 
-    ``order`` is None when the rows already are longest first (evaluation batches); ``sizes`` are the
-    groups' row counts and ``tops`` their longest lengths. Attention over a group only needs its first
-    ``top`` positions, so a random batch of mixed lengths costs about what its real tokens need."""
-    if bool((lengths[:-1] >= lengths[1:]).all()):
-        order, sorted_len = None, lengths
-    else:
-        sorted_len, order = torch.sort(lengths, descending=True, stable=True)
+    ``order`` is as in ``longest_first``; ``sizes`` are the groups' row counts and ``tops`` their longest
+    lengths. Attention over a group only needs its first ``top`` positions, so a random batch of mixed
+    lengths costs about what its real tokens need."""
+    sorted_len, order = longest_first(lengths)
     sizes = [min(group, len(lengths) - s) for s in range(0, len(lengths), group)]
     tops = [max(1, int(t)) for t in sorted_len[::group].tolist()]
     return order, sizes, tops

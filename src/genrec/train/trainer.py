@@ -80,6 +80,11 @@ class MetricsLog:
             self.echo(line)
 
 
+def _patience_spent(state: dict, patience: int) -> bool:
+    """The early-stopping rule: ``patience`` validations in a row without a gain (0: never stop)."""
+    return bool(patience) and state["bad_evals"] >= patience
+
+
 def _selected(report: Report, metric: str) -> float:
     return report.metrics[metric]
 
@@ -199,7 +204,7 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
             torch.cuda.set_rng_state(ckpt["rng"]["cuda_ranks"][d.rank].cpu(), device)
         state = dict(ckpt["state"])
         was_stopped = state["stopped"]
-        state["stopped"] = bool(tc.patience) and state["bad_evals"] >= tc.patience  # patience may change on resume
+        state["stopped"] = _patience_spent(state, tc.patience)  # patience may change on resume
         report_path = run_dir / "report.json"
         if (state["epoch"] >= tc.epochs or state["stopped"]) and report_path.is_file():
             echo(f"{run_dir} is finished; its report:")
@@ -264,7 +269,7 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
                 line += "  *"
             else:
                 state["bad_evals"] += 1
-                if tc.patience and state["bad_evals"] >= tc.patience:
+                if _patience_spent(state, tc.patience):
                     state["stopped"] = True
                     line += f"  (early stop: no gain in {tc.patience} validations)"
         state = d.broadcast(state)  # rank 0 decided best / early stop; every rank follows
