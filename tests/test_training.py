@@ -152,6 +152,26 @@ def test_early_stopping(tiny_data_dir, tmp_path):
     assert again == report and len([r for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]) == 6
 
 
+def test_continued_run_killed_midway_does_not_look_finished(tiny_data_dir, tmp_path):
+    """A finished run continued for more epochs withdraws its old report.json: killed before the new end, the
+    run must not pass for finished (benchmarks/reproduce.py would skip it with stale metrics)."""
+    run = tmp_path / "continued"
+    first = train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=1), run, echo=quiet)
+
+    def killed_after_epoch_2(line="", *args, **kwargs):
+        if str(line).startswith("epoch   2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_data_dir, epochs=3, max_steps_per_epoch=1), run, resume=True, echo=killed_after_epoch_2)
+    assert not (run / "report.json").exists()
+    finals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("final")]
+    assert len(finals) == 1 and finals[0]["test"] == first["test"]  # the earlier report is not lost
+    report = train(tiny_config(tiny_data_dir, epochs=3, max_steps_per_epoch=1), run, resume=True, echo=quiet)
+    assert json.loads((run / "report.json").read_text()) == report
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("model", ["sasrec", "hstu", "bert4rec", "mamba4rec", "gru4rec"])
 def test_learns_beyond_popularity(tiny_data_dir, tmp_path, model):
     # the cloze objective predicts 30 % of the positions per pass: BERT4Rec needs more epochs (as in its paper)

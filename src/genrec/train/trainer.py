@@ -211,6 +211,11 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
             return json.loads(report_path.read_text())
         if was_stopped and not state["stopped"]:
             echo(f"early stop lifted: {state['bad_evals']} validations without gain, train.patience={tc.patience}")
+        if d.is_main and report_path.is_file():
+            # the run goes on, so its old report no longer describes it (metrics.jsonl keeps that report as
+            # a "final" record); left in place, a run killed before its new end would look finished
+            report_path.unlink()
+            echo(f"{report_path.name} of the earlier end withdrawn (kept in metrics.jsonl); a new one comes at the end")
         echo(f"resuming {run_dir} after epoch {state['epoch']}")
     if d.is_main:  # on resume too: epochs or patience may have changed
         write_text_atomically(run_dir / "config.toml", cfg.to_toml())
