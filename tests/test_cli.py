@@ -139,6 +139,19 @@ def test_train_refuses_existing_run_and_resumes(trained_run, tiny_dataset):
     assert (trained_run / "best.pt").read_bytes() == before
 
 
+def test_train_refit_and_train_on_valid_reports(tiny_dataset, tmp_path):
+    cfg = REPO / "configs/synthetic/hstu.toml"
+    tiny = [a for a in TINY if not a.startswith("train.epochs")] + ["train.epochs=1"]
+    res = run("train", cfg, f'data.path="{tiny_dataset}"', *tiny, "train.refit=true", "--out", tmp_path / "r")
+    assert "hstu refit" in res.output and "refit: a fresh model trained 1 epochs" in res.output
+    assert (tmp_path / "r" / "refit" / "best.pt").is_file()
+    res = run("train", cfg, f'data.path="{tiny_dataset}"', *tiny, "data.train_on_valid=true", "--out", tmp_path / "v")
+    assert "epoch 1 tested (no validation)" in res.output and "validation events trained on" in res.output
+    res = run("evaluate", tmp_path / "v", "--split", "valid", ok=False)
+    assert res.exit_code != 0 and "no validation split" in res.output and "--split test" in res.output
+    assert "hr@10" in run("evaluate", tmp_path / "v", "--split", "test").output.lower()
+
+
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     res = run("demo", "--out", tmp_path / "demo", "--epochs", "1")

@@ -95,6 +95,29 @@ def test_finished_runs_continue_when_the_preset_asks_for_more(tmp_path, monkeypa
     assert state(200, 20, 200, 50)  # another patience (lifts an early stop)
     assert not state(200, 0, 101, 0)  # fewer epochs than the run had: nothing to do
     assert state(30, 0, 200, 0, cap=50) and not state(50, 0, 200, 0, cap=50)  # --epochs N sets train.epochs
+    # a preset that refits: a finished run without a refit in its report continues (the resume refits)
+    (out / "report.json").write_text(json.dumps({"best_epoch": 3}))
+    (out / "config.toml").write_text('[model]\nname = "sasrec"\n[train]\nepochs = 5\n')
+    preset.write_text('[model]\nname = "sasrec"\n[train]\nepochs = 5\nrefit = true\n')
+    assert reproduce._preset_asks_more(row, out, None)
+    (out / "report.json").write_text(json.dumps({"best_epoch": 3, "refit": {"epochs": 3}}))
+    assert not reproduce._preset_asks_more(row, out, None)
+
+
+def test_table_adds_a_refit_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    row = reproduce.Row("ml-1m", "hstu", (0.3097, 0.1720), "HSTU paper", ">= published")
+    monkeypatch.setattr(reproduce, "ROWS", [row])
+    out = reproduce.run_dir(row, 0)
+    fake_run(out, 0.30, epochs=101, best=90)
+    report = json.loads((out / "report.json").read_text())
+    report["refit"] = {"epochs": 90, "test": {m: 0.36 / (2 if "ndcg" in m else 1) for m in reproduce.METRICS},
+                       "popularity_test": {"hr@10": 0.02}}
+    (out / "report.json").write_text(json.dumps(report))
+    held_out, refit = [line for line in reproduce.table().splitlines() if line.startswith("| ml-1m")]
+    assert "| hstu |" in held_out and "MISSED by 3.1 %" in held_out and "101 (90)" in held_out
+    assert "| hstu (refit) |" in refit and "| 0.3600 | 0.1800 |" in refit and "| met |" in refit
+    assert "| 90 |" in refit and "training + validation events" in refit
 
 
 def test_rows_still_running_show_their_finished_seeds(tmp_path, monkeypatch):

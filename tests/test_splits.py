@@ -323,3 +323,46 @@ def test_prefetch_early_stop_leaves_no_thread():
     next(g)
     g.close()
     assert threading.active_count() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# validation events trained on (refits)
+
+
+def test_train_on_valid_leave_one_out(store_from_sequences):
+    seqs = {
+        "a": [(1, 10)],
+        "c": [(3, 10), (1, 20), (2, 30)],
+        "d": [(4, 10), (5, 20), (4, 30), (6, 40), (4, 50)],
+    }
+    store = store_from_sequences(seqs)
+    split = leave_one_out(store)
+    refit = split.train_on_valid()
+    a, c, d = (int(store.user_vocab.to_dense([k])[0]) for k in "acd")
+    o = store.offsets
+    # everything but the test event; short users unchanged (all their events)
+    assert refit.train_end[a] == o[a + 1] and refit.train_end[c] == o[c] + 2 and refit.train_end[d] == o[d] + 4
+    np.testing.assert_array_equal(refit.test.users, split.test.users)
+    np.testing.assert_array_equal(refit.test.target_rows, split.test.target_rows)
+    assert len(refit.valid) == 0 and "validation events trained on" in refit.description
+    _check_examples_never_leak(store, refit)  # still no training row at or after a test target
+    batch = _check_training_batch(store, refit, np.array([d]), max_len=10)
+    raw = store.item_vocab.to_raw
+    assert raw(batch.targets[0, :3].numpy()).tolist() == [5, 4, 6]  # the validation event (6) is a target now
+
+
+@pytest.mark.parametrize("max_eval_users", [0, 40])
+def test_train_on_valid_temporal(tiny_store, max_eval_users):
+    store = tiny_store
+    split = make_split(store, "temporal", 0.2, 0.2, max_eval_users=max_eval_users)
+    refit = split.train_on_valid()
+    ts = np.asarray(store.timestamps)
+    t_test = np.quantile(ts, 0.8)
+    starts = store.offsets[:-1]
+    for u in range(store.num_users):
+        assert np.all(ts[starts[u]:refit.train_end[u]] < t_test)  # the validation window is training now
+        assert np.all(ts[refit.train_end[u]:store.offsets[u + 1]] >= t_test)  # and nothing before t_test is left
+        assert refit.train_end[u] >= split.train_end[u]
+    assert int((refit.train_end - split.train_end).sum()) > 0
+    np.testing.assert_array_equal(refit.test.target_rows, split.test.target_rows)
+    _check_examples_never_leak(store, refit)

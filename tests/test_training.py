@@ -335,3 +335,75 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_data_dir, tmp_path):
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)  # bf16 rounding, same optimisation
     assert b["train_loss"] != a["train_loss"]  # autocast really ran in bf16
     assert bf16["valid"]["hr@10"] == pytest.approx(fp32["valid"]["hr@10"], abs=0.05)
+
+
+def test_train_on_valid_trains_on_the_validation_events_and_tests_the_last_epoch(tiny_data_dir, tmp_path):
+    from genrec.train.trainer import item_counts, load_data
+
+    cfg = tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=2)
+    store, split = load_data(cfg)
+    cfg.data.train_on_valid = True
+    _, refit_split = load_data(cfg)
+    valid_items = torch.bincount(torch.from_numpy(store.items[split.valid.target_rows].astype("int64")),
+                                 minlength=store.num_items + 1)
+    assert torch.equal(item_counts(store, refit_split), item_counts(store, split) + valid_items)
+
+    report = train(cfg, tmp_path / "r", echo=quiet)
+    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if "epoch" in r] == [1, 2]
+    assert not any("valid" in r for r in records if "epoch" in r)  # nothing to validate on
+    assert report["best_epoch"] == 2 and report["valid"] is None
+    assert "validation events trained on" in report["protocol"]
+
+
+def test_refit_after_selection(tiny_data_dir, tmp_path):
+    """train.refit: a fresh model on train + validation events for the chosen epochs, tested once; the same
+    as running that refit by hand; resumable when killed during the refit; toggled on for a finished run."""
+    run = tmp_path / "run"
+    report = train(tiny_config(tiny_data_dir, epochs=4, max_steps_per_epoch=2, refit=True), run, echo=quiet)
+    chosen = report["best_epoch"]
+    assert report["refit"]["epochs"] == chosen and "validation events trained on" in report["refit"]["protocol"]
+    assert json.loads((run / "report.json").read_text()) == report
+    by_hand = tiny_config(tiny_data_dir, epochs=chosen, max_steps_per_epoch=2)
+    by_hand.data.train_on_valid = True
+    alone = train(by_hand, tmp_path / "by-hand", echo=quiet)
+    assert alone["test"] == report["refit"]["test"] and alone["test"] != report["test"]
+
+    # a finished run resumed with refit on refits; killed during the refit, the next resume finishes it
+    run2 = tmp_path / "run2"
+    train(tiny_config(tiny_data_dir, epochs=4, max_steps_per_epoch=2), run2, echo=quiet)
+
+    def killed_in_refit(line="", *args, **kwargs):
+        if str(line).startswith("epoch   1") and (run2 / "refit" / "last.pt").exists():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_data_dir, epochs=4, max_steps_per_epoch=2, refit=True), run2, resume=True,
+              echo=killed_in_refit)
+    assert "refit" not in json.loads((run2 / "report.json").read_text())
+    again = train(tiny_config(tiny_data_dir, epochs=4, max_steps_per_epoch=2, refit=True), run2, resume=True,
+                  echo=quiet)
+    assert again["refit"] == report["refit"]
+
+
+def test_refit_needs_validation(tiny_data_dir):
+    from genrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.refit"):
+        load_config(base={**tiny_config(tiny_data_dir, refit=True).to_dict(),
+                          "data": {"path": str(tiny_data_dir), "train_on_valid": True}})
+
+
+def test_refit_with_more_epochs_than_chosen_is_moved_aside(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    report = train(tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=1), run, echo=quiet)
+    longer = tiny_config(tiny_data_dir, epochs=report["best_epoch"] + 1, max_steps_per_epoch=1)
+    longer.data.train_on_valid = True
+    train(longer, run / "refit", echo=quiet)
+    report = train(tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=1, refit=True), run, resume=True,
+                   echo=quiet)
+    stale = run / f"refit.stale-{report['best_epoch'] + 1}"
+    assert (stale / "last.pt").is_file() and (stale / "report.json").is_file()  # kept, not deleted
+    assert report["refit"]["epochs"] == report["best_epoch"]
+    assert [r["epoch"] for r in read_jsonl(run / "refit" / "metrics.jsonl") if "epoch" in r] == \
+        list(range(1, report["best_epoch"] + 1))

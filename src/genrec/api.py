@@ -41,6 +41,9 @@ def evaluate_run(run_dir: str | Path, which: str = "test", exclude_history: bool
                            f"(was it prepared again?); evaluate on the dataset the run used")
     if exclude_history is None:
         exclude_history = cfg.eval.exclude_history
+    if which == "valid" and cfg.data.train_on_valid:
+        raise ValueError(f"{run_dir} trained on its validation events (data.train_on_valid = true): it has no "
+                         f"validation split to evaluate; use --split test")
     model = build_model(cfg.model, store.num_items)
     model.load_state_dict(ckpt["model"])
     model.to(device)

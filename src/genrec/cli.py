@@ -175,11 +175,17 @@ def format_report(report: dict) -> str:
     ks = [k for k in report["test"] if k != "mrr"]
     head = "model        " + "  ".join(f"{k:>8}" for k in ks) + "       mrr"
     rows = [head]
-    for name, m in ((report["model"], report["test"]), ("popularity", report.get("popularity_test"))):
+    refit = report.get("refit") or {}
+    for name, m in ((report["model"], report["test"]), (f"{report['model']} refit", refit.get("test")),
+                    ("popularity", report.get("popularity_test"))):
         if m:
             rows.append(f"{name:<12} " + "  ".join(f"{m[k]:8.4f}" for k in ks) + f"  {m['mrr']:8.4f}")
-    rows.append(f"protocol: {report['protocol']}; best epoch {report['best_epoch']} chosen on validation "
-                f"({report['num_test_users']:,} test users)")
+    chosen = (f"best epoch {report['best_epoch']} chosen on validation" if report.get("valid") is not None
+              else f"epoch {report['best_epoch']} tested (no validation)")
+    rows.append(f"protocol: {report['protocol']}; {chosen} ({report['num_test_users']:,} test users)")
+    if refit:
+        rows.append(f"refit: a fresh model trained {refit['epochs']} epochs on training + validation events, "
+                    f"tested once (run in refit/)")
     return "\n".join(rows)
 
 

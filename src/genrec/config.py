@@ -40,6 +40,7 @@ class DataConfig:
     max_len: int = 200  # longest history fed to the model (most recent events kept)
     temporal_valid: float = 0.1  # temporal split: share of events (by time) in the validation window
     temporal_test: float = 0.1  # temporal split: share of events (by time) in the test window
+    train_on_valid: bool = False  # train on the validation events too: no validation, the last epoch is tested
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
     length_window: int = 0  # length-aware batching: sort users by length within windows of N batches (0 = off)
     keep_checkpoints: bool = True  # write last.pt every epoch for resume
+    refit: bool = False  # then train a fresh model on train + validation events for the chosen epochs (RUN/refit)
 
 
 @dataclass
@@ -208,6 +210,9 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}; choose one of {', '.join(allowed)}")
+    if cfg.train.refit and cfg.data.train_on_valid:
+        raise ConfigError("train.refit = true needs a run that validates (it refits for the epochs chosen on "
+                          "validation); set data.train_on_valid = false")
     positive = {
         "data.max_len": cfg.data.max_len,
         "train.epochs": cfg.train.epochs,

@@ -12,6 +12,12 @@ Users with fewer than 3 events train on all their events and are not evaluated.
 timestamps. Training uses events before the first cut-off. A user's validation target is their first
 event in the validation window, the test target their first event in the test window; each reads
 every earlier event of the user as history.
+
+``Split.train_on_valid()``: the same split with the validation events moved into training (leave-one-out:
+everything but the last event; temporal: everything before the test cut-off) and no validation examples;
+the test examples are unchanged. A refit trains on it for the number of epochs chosen on the ordinary
+split's validation, which is how the published ML-1M numbers use the data (no test event is ever trained
+on).
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ class Split:
     valid: EvalExamples
     test: EvalExamples
     description: str
+    train_end_with_valid: np.ndarray | None = None  # (U,) train_end once the validation events are trained on
+
+    def train_on_valid(self) -> "Split":
+        """This split with the validation events trained on and no validation examples (for refits)."""
+        if self.train_end_with_valid is None:
+            raise ValueError(f"the {self.name} split does not say where training ends with its validation events")
+        no_users = np.zeros(0, dtype=self.valid.users.dtype)
+        return Split(self.name, self.train_end_with_valid, EvalExamples(no_users, no_users.copy()), self.test,
+                     self.description + "; validation events trained on (refit)")
 
     def examples(self, which: str) -> EvalExamples:
         if which not in ("valid", "test"):
@@ -58,6 +73,7 @@ def leave_one_out(store: SequenceStore) -> Split:
         valid=EvalExamples(users, ends[users] - 2),
         test=EvalExamples(users, ends[users] - 1),
         description="leave-one-out (last event = test, second-to-last = validation)",
+        train_end_with_valid=np.where(evaluated, ends - 1, ends),
     )
 
 
@@ -93,6 +109,7 @@ def temporal(store: SequenceStore, valid_fraction: float = 0.1, test_fraction: f
         test=examples(first_test, ends),
         description=(f"global temporal (train < t={int(t_valid)}, valid = first event in [t_valid, "
                      f"t_test={int(t_test)}), test = first event >= t_test)"),
+        train_end_with_valid=first_test,
     )
 
 
@@ -121,7 +138,7 @@ def sample_eval_users(split: Split, max_users: int, seed: int = 0) -> Split:
 
     return Split(split.name, split.train_end, subset(split.valid), subset(split.test),
                  f"{split.description}, evaluated on a random sample of {max_users:,} of {len(users):,} users "
-                 f"(seed {seed})")
+                 f"(seed {seed})", split.train_end_with_valid)
 
 
 def train_item_counts(store: SequenceStore, train_end: np.ndarray, chunk_events: int = 1 << 23) -> np.ndarray:

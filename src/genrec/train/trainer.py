@@ -7,17 +7,25 @@ The test split is evaluated once, at the end, with the best checkpoint. ``last.p
 every epoch, so ``train(..., resume=True)`` continues the same run: same weights, optimiser state,
 RNG state and data order as an uninterrupted run.
 
+``data.train_on_valid = true`` trains on the validation events too: nothing to validate, so the last
+epoch is the one tested. ``train.refit = true`` uses it after the ordinary run: a fresh model (same seed)
+trained on training + validation events for the epochs chosen on validation, tested once (published
+ML-1M numbers train on the validation event; this is the way to compare with them without selecting on
+test).
+
 Run directory::
 
     config.toml     the resolved configuration
     metrics.jsonl   one JSON object per epoch / evaluation
     best.pt         weights selected on validation + config + vocabulary (for evaluate / recommend)
     last.pt         everything needed to resume
-    report.json     validation and test metrics with their protocol
+    report.json     validation and test metrics with their protocol (and the refit's under "refit")
+    refit/          with train.refit: the refit's own run directory (the same files)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -118,25 +126,62 @@ def train_step(model: torch.nn.Module, loss_fn: Loss, optimizer: torch.optim.Opt
 
 
 def _resume_view(config: dict) -> dict:
-    """The parts of a config that must not change on resume (epochs, patience, threads and device may)."""
-    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "patience", "threads", "device")}
+    """The parts of a config that must not change on resume (epochs, patience, threads, device and refit may)."""
+    train = {k: v for k, v in config["train"].items()
+             if k not in ("epochs", "patience", "threads", "device", "refit")}
     return {**config, "train": train}
 
 
 def load_data(cfg: Config) -> tuple[SequenceStore, Split]:
     store = SequenceStore.load(cfg.data.path)
-    return store, make_split(store, cfg.data.split, cfg.data.temporal_valid, cfg.data.temporal_test,
-                             cfg.eval.max_users, cfg.train.seed)
+    split = make_split(store, cfg.data.split, cfg.data.temporal_valid, cfg.data.temporal_test,
+                       cfg.eval.max_users, cfg.train.seed)
+    return store, split.train_on_valid() if cfg.data.train_on_valid else split
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
           echo=print) -> dict:
-    """Train, validate, select, test. Under torchrun every process calls this; see train/distributed.py."""
+    """Train, validate, select, test (then refit with ``train.refit``). Under torchrun every process calls
+    this; see train/distributed.py."""
     d = setup()
     try:
-        return _train(cfg, run_dir, resume, progress, echo if d.is_main else (lambda *a, **k: None), d)
+        echo = echo if d.is_main else (lambda *a, **k: None)
+        report = _train(cfg, run_dir, resume, progress, echo, d)
+        if cfg.train.refit and "refit" not in report:
+            report = _refit(cfg, Path(run_dir), report, progress, echo, d)
+        return report
     finally:
         teardown(d)
+
+
+def _refit(cfg: Config, run_dir: Path, report: dict, progress: bool | None, echo, d: Dist) -> dict:
+    """Train a fresh model (same seed) on the training and validation events for the number of epochs
+    chosen on validation, in ``run_dir / "refit"``, and test it once; its test metrics join report.json
+    under "refit". Nothing is selected on test. Resumable like any run; a refit left by an earlier end of
+    the run with more epochs than the new choice is moved aside (``refit.stale-N``), never deleted."""
+    epochs = int(report["best_epoch"])
+    sub = copy.deepcopy(cfg)
+    sub.train.refit, sub.data.train_on_valid, sub.train.epochs = False, True, epochs
+    out = run_dir / "refit"
+    resume = (out / "last.pt").is_file()
+    if resume:
+        done = int(load_checkpoint(out / "last.pt")["state"]["epoch"])
+        if done > epochs:
+            if d.is_main:
+                out.rename(run_dir / f"refit.stale-{done}")
+                echo(f"{out} had trained {done} epochs, more than the {epochs} now chosen: moved to "
+                     f"refit.stale-{done}; refitting from scratch")
+            d.barrier()
+            resume = False
+    echo(f"refit: a fresh model on the training and validation events for {epochs} epochs (chosen on "
+         f"validation), in {out}")
+    sub_report = _train(sub, out, resume, progress, echo, d)
+    report = {**report, "refit": {"epochs": epochs, "run": "refit", "test": sub_report["test"],
+                                  "popularity_test": sub_report["popularity_test"],
+                                  "protocol": sub_report["protocol"]}}
+    if d.is_main:
+        write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2))
+    return report
 
 
 def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None, echo, d: Dist) -> dict:
@@ -168,11 +213,14 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         device = torch.device("cuda", d.local_rank)
 
     store, split = load_data(cfg)
-    if len(split.valid) == 0 or len(split.test) == 0:
+    validating = not cfg.data.train_on_valid  # otherwise the validation events are training data
+    if (validating and len(split.valid) == 0) or len(split.test) == 0:
         raise RunError(f"{cfg.data.path}: the {split.name} split leaves no validation or test users "
                        f"(leave-one-out needs users with at least 3 events)")
     if getattr(cfg.model, "relative_bias", None) == "position_time" and store.timestamps is None:
         echo("note: this dataset has no timestamps; HSTU's time bias is off (position bias only)")
+    if not validating:
+        echo(f"data.train_on_valid: the validation events are trained on; no validation, epoch {tc.epochs} is tested")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -262,7 +310,10 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
                   "steps": steps, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
         line = f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
         state["epoch"] = epoch + 1
-        if ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs) and d.is_main:
+        if not validating and epoch + 1 == tc.epochs and d.is_main:  # nothing to select on: the last epoch
+            state.update(best_epoch=epoch + 1)
+            save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "valid": None}, best_path)
+        if validating and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs) and d.is_main:
             report = validate()
             value = _selected(report, cfg.eval.select_metric)
             record["valid"] = report.metrics
