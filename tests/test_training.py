@@ -132,6 +132,20 @@ def test_resume_errors(tiny_data_dir, tmp_path):
         train(tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=1, lr=1e-2), run, resume=True, echo=quiet)
 
 
+def test_resume_a_run_from_before_a_config_key_existed(tiny_data_dir, tmp_path):
+    """A run started by an older genrec lacks the keys added since: they take their defaults on resume."""
+    from genrec.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "old"
+    train(tiny_config(tiny_data_dir, epochs=1, max_steps_per_epoch=1), run, echo=quiet)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["config"]["data"]["train_on_valid"], ckpt["config"]["train"]["refit"]
+    save_checkpoint(ckpt, run / "last.pt")
+    report = train(tiny_config(tiny_data_dir, epochs=2, max_steps_per_epoch=1), run, resume=True, echo=quiet)
+    assert report["best_epoch"] in (1, 2)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r] == [1, 2]
+
+
 def test_early_stopping(tiny_data_dir, tmp_path):
     """lr ~ 0: validation never improves after the first evaluation, so patience 2 stops after 3 epochs."""
     run = tmp_path / "stop"

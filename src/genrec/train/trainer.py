@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from genrec import __version__
-from genrec.config import Config
+from genrec.config import Config, config_from_dict
 from genrec.data.batches import TrainLoader, prefetch
 from genrec.data.split import Split, make_split, train_item_counts
 from genrec.data.store import SequenceStore
@@ -239,7 +239,8 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
 
     if resume:
         ckpt = load_checkpoint(last_path, map_location=device)
-        if _resume_view(ckpt["config"]) != _resume_view(cfg.to_dict()):
+        # through the config classes: keys added to genrec since the run started take their defaults
+        if _resume_view(config_from_dict(ckpt["config"]).to_dict()) != _resume_view(cfg.to_dict()):
             raise RunError(f"{run_dir}: the config differs from the one the run started with; "
                            f"resume with the same config (see {run_dir / 'config.toml'})")
         model.load_state_dict(ckpt["model"])
