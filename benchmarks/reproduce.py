@@ -163,21 +163,30 @@ def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:
 
 def row_results(row: Row) -> dict | None:
     """The finished seeds' reports (None when no seed has finished yet); ``seeds`` says which."""
-    reports, walls, epochs_run, commands, seeds = [], [], [], [], []
+    reports, walls, epochs_run, commands, seeds, continuing = [], [], [], [], [], []
     for seed in row.seeds:
         out = run_dir(row, seed)
-        if not (out / "report.json").is_file():
+        if not (out / "metrics.jsonl").is_file():
+            continue
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        last_final = max((i for i, r in enumerate(records) if r.get("final")), default=None)
+        if (out / "report.json").is_file():
+            reports.append(json.loads((out / "report.json").read_text()))
+        elif last_final is not None:  # a finished run being continued (more epochs): its last report till the new one
+            reports.append(records[last_final])
+            records = records[:last_final]
+            continuing.append(seed)
+        else:
             continue
         seeds.append(seed)
-        reports.append(json.loads((out / "report.json").read_text()))
         wall = json.loads((out / "wall.json").read_text()) if (out / "wall.json").is_file() else {}
         walls.append(wall.get("seconds", float("nan")))
         commands.append(wall.get("command", ""))
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         epochs_run.append(max(r["epoch"] for r in records if "epoch" in r))
     if not seeds:
         return None
-    return {"reports": reports, "walls": walls, "epochs": epochs_run, "commands": commands, "seeds": seeds}
+    return {"reports": reports, "walls": walls, "epochs": epochs_run, "commands": commands, "seeds": seeds,
+            "continuing": continuing}
 
 
 def fmt(values: list[float]) -> str:
@@ -200,12 +209,15 @@ def table() -> str:
         if res is None:
             lines.append(f"| {row.dataset} | {row.model} | not run yet (0/{len(row.seeds)} seeds) |" + " |" * 14)
             continue
-        partial = len(res["seeds"]) < len(row.seeds)
+        partial = len(res["seeds"]) < len(row.seeds) or bool(res["continuing"])
         reports = res["reports"]
         best = ", ".join(str(r["best_epoch"]) for r in reports)
         cmd = f"`{res['commands'][0]}`" + (f" (seeds {', '.join(map(str, row.seeds))})" if len(row.seeds) > 1 else "")
-        note = "; ".join(x for x in (f"seeds done: {', '.join(map(str, res['seeds']))} of {len(row.seeds)}"
-                                     if partial else "", row.note) if x)
+        note = "; ".join(x for x in (
+            f"seeds done: {', '.join(map(str, res['seeds']))} of {len(row.seeds)}" if len(res["seeds"]) < len(row.seeds)
+            else "",
+            f"seed {', '.join(map(str, res['continuing']))} continuing (more epochs): its last finished report shown"
+            if res["continuing"] else "", row.note) if x)
         lines.append(_line(row, row.model, [r["test"] for r in reports], partial,
                            f"{', '.join(map(str, res['epochs']))} ({best})", f"{sum(res['walls']) / 60:.0f} min",
                            reports[0]["popularity_test"]["hr@10"], cmd, note))

@@ -161,3 +161,18 @@ def test_wall_time_is_recorded_while_a_run_is_going(tmp_path, monkeypatch):
     final = json.loads((out / "wall.json").read_text())
     assert seen and seen[0]["command"] != "x" and 100.0 < seen[0]["seconds"] <= final["seconds"] < 160.0
     assert final["command"].startswith("genrec train configs/lastfm/gru4rec.toml")
+
+
+def test_a_run_being_continued_shows_its_last_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    row = reproduce.Row("ml-1m", "sasrec", (0.2853, 0.1603), "HSTU paper", ">= published")
+    monkeypatch.setattr(reproduce, "ROWS", [row])
+    out = reproduce.run_dir(row, 0)
+    fake_run(out, 0.28, epochs=101, best=101)
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").unlink()  # withdrawn: the run continues towards more epochs
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"final": True, **report}) + "\n" + json.dumps({"epoch": 102}) + "\n")
+    (line,) = [x for x in reproduce.table().splitlines() if x.startswith("| ml-1m")]
+    assert "| 0.2800 |" in line and "so far: MISSED by 1.9 %" in line and "| 101 (101) |" in line
+    assert "seed 0 continuing" in line
