@@ -118,7 +118,7 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
     ensure_dataset(row.dataset)
     for seed in row.seeds:
         out = run_dir(row, seed)
-        if (out / "report.json").is_file() and not _preset_asks_more(row, out, epochs):
+        if seed_done(row, seed, epochs):
             print(f"{row.key} seed {seed}: done", flush=True)
             continue
         resume = (out / "last.pt").is_file()
@@ -168,7 +168,7 @@ def row_results(row: Row) -> dict | None:
         out = run_dir(row, seed)
         if not (out / "metrics.jsonl").is_file():
             continue
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records = _records(out / "metrics.jsonl")
         last_final = max((i for i, r in enumerate(records) if r.get("final")), default=None)
         if (out / "report.json").is_file():
             reports.append(json.loads((out / "report.json").read_text()))
@@ -187,6 +187,22 @@ def row_results(row: Row) -> dict | None:
         return None
     return {"reports": reports, "walls": walls, "epochs": epochs_run, "commands": commands, "seeds": seeds,
             "continuing": continuing}
+
+
+def _records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short (a run killed while writing it) is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def seed_done(row: Row, seed: int, epochs: int | None = None) -> bool:
+    out = run_dir(row, seed)
+    return (out / "report.json").is_file() and not _preset_asks_more(row, out, epochs)
 
 
 def fmt(values: list[float]) -> str:
@@ -221,12 +237,15 @@ def table() -> str:
         lines.append(_line(row, row.model, [r["test"] for r in reports], partial,
                            f"{', '.join(map(str, res['epochs']))} ({best})", f"{sum(res['walls']) / 60:.0f} min",
                            reports[0]["popularity_test"]["hr@10"], cmd, note))
-        if all("refit" in r for r in reports):
-            lines.append(_line(row, f"{row.model} (refit)", [r["refit"]["test"] for r in reports], partial,
-                               ", ".join(str(r["refit"]["epochs"]) for r in reports), "in the row above",
-                               reports[0]["refit"]["popularity_test"]["hr@10"], "the same command",
+        refits = [r["refit"] for r in reports if "refit" in r]
+        if refits:
+            lines.append(_line(row, f"{row.model} (refit)", [r["test"] for r in refits],
+                               partial or len(refits) < len(reports), ", ".join(str(r["epochs"]) for r in refits),
+                               "in the row above", refits[0]["popularity_test"]["hr@10"], "the same command",
                                "a fresh model (same seed) trained on training + validation events for the epochs "
-                               "chosen on validation (as the published numbers use the data), tested once"))
+                               "chosen on validation (as the published numbers use the data), tested once"
+                               + (f"; {len(refits)} of {len(reports)} seeds refit so far"
+                                  if len(refits) < len(reports) else "")))
     return "\n".join(lines)
 
 
@@ -289,7 +308,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.list:
         for row in ROWS:
-            done = sum((run_dir(row, s) / "report.json").is_file() for s in row.seeds)
+            done = sum(seed_done(row, s, args.epochs) for s in row.seeds)
             print(f"{row.key:24s} seeds {done}/{len(row.seeds)} done   {shlex.join(train_command(row, row.seeds[0], args.epochs, False))}")
         return
     for row in select(args.rows) if args.rows else []:

@@ -60,13 +60,22 @@ def test_two_processes_match_one(tiny_data_dir, tmp_path):
     # resume under torchrun: 1 epoch, then resume to 2, equals the uninterrupted 2-process run
     short = tmp_path / "short.toml"
     short.write_text(path.read_text().replace("epochs = 2", "epochs = 1"))
-    for cfg_path, extra in ((short, []), (path, ["--resume"])):
+    # (the resume also refits: rank 0 decides, both ranks train the refit, as one process does)
+    for cfg_path, extra in ((short, []), (path, ["train.refit=true", "--resume"])):
         res = subprocess.run(cmd[:-3] + [str(cfg_path), "--out", str(tmp_path / "ddp-resumed"), *extra],
                              capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
     c = torch.load(tmp_path / "ddp-resumed" / "last.pt", weights_only=True)
     for k in b["model"]:
         torch.testing.assert_close(c["model"][k], b["model"][k], atol=1e-6, rtol=0, msg=k)
+    cfg.train.refit = True
+    single_refit = train(cfg, tmp_path / "single", resume=True, echo=lambda *a, **k: None)["refit"]
+    ddp_refit = json.loads((tmp_path / "ddp-resumed" / "report.json").read_text())["refit"]
+    assert ddp_refit["epochs"] == single_refit["epochs"] == single["best_epoch"]
+    ra = torch.load(tmp_path / "single" / "refit" / "last.pt", weights_only=True)
+    rb = torch.load(tmp_path / "ddp-resumed" / "refit" / "last.pt", weights_only=True)
+    assert len(rb["rng"]["torch_ranks"]) == 2
+    assert max((ra["model"][k] - rb["model"][k]).abs().max().item() for k in ra["model"]) < TOLERANCE
 
     # the training loss logged by rank 0 is the global one
     la = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]

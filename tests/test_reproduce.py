@@ -176,3 +176,25 @@ def test_a_run_being_continued_shows_its_last_report(tmp_path, monkeypatch):
     (line,) = [x for x in reproduce.table().splitlines() if x.startswith("| ml-1m")]
     assert "| 0.2800 |" in line and "so far: MISSED by 1.9 %" in line and "| 101 (101) |" in line
     assert "seed 0 continuing" in line
+    # the refit of the earlier end is in its final record; a line cut short by a kill is skipped
+    refit = {"epochs": 101, "test": {m: 0.30 for m in reproduce.METRICS}, "popularity_test": {"hr@10": 0.02}}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"final": True, **report, "refit": refit}) + "\n" + json.dumps({"epoch": 103}) + "\n")
+        f.write('{"epoch": 104, "train_lo')
+    held_out, refit_line = [x for x in reproduce.table().splitlines() if x.startswith("| ml-1m")]
+    assert "seed 0 continuing" in held_out and "| sasrec (refit) | 0.3000 |" in refit_line
+    assert "so far: met" in refit_line
+
+
+def test_refit_line_of_a_row_with_some_seeds_refit(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    row = reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published", seeds=[0, 1])
+    monkeypatch.setattr(reproduce, "ROWS", [row])
+    for seed in (0, 1):
+        fake_run(reproduce.run_dir(row, seed), 0.09)
+    path = reproduce.run_dir(row, 1) / "report.json"
+    report = json.loads(path.read_text())
+    path.write_text(json.dumps({**report, "refit": {"epochs": 4, "test": {m: 0.1 for m in reproduce.METRICS},
+                                                    "popularity_test": {"hr@10": 0.01}}}))
+    held_out, refit = [x for x in reproduce.table().splitlines() if x.startswith("| beauty")]
+    assert "| met |" in held_out and "so far: met" in refit and "1 of 2 seeds refit so far" in refit

@@ -421,3 +421,46 @@ def test_refit_with_more_epochs_than_chosen_is_moved_aside(tiny_data_dir, tmp_pa
     assert report["refit"]["epochs"] == report["best_epoch"]
     assert [r["epoch"] for r in read_jsonl(run / "refit" / "metrics.jsonl") if "epoch" in r] == \
         list(range(1, report["best_epoch"] + 1))
+
+
+def test_continuing_a_refit_run_continues_its_refit(tiny_data_dir, tmp_path):
+    """More epochs for a run that refit: the choice can only move later, the refit resumes from its last
+    epoch, and the result equals a fresh refit of the new length (the path the ML-1M presets take)."""
+    run = tmp_path / "run"
+    options = dict(max_steps_per_epoch=2, lr=2e-3, patience=0, refit=True)
+    first = train(tiny_config(tiny_data_dir, epochs=2, **options), run, echo=quiet)
+    later = train(tiny_config(tiny_data_dir, epochs=5, **options), run, resume=True, echo=quiet)
+    assert later["best_epoch"] > first["best_epoch"]  # so that the refit really continues
+    assert later["refit"]["epochs"] == later["best_epoch"]
+    refit_epochs = [r["epoch"] for r in read_jsonl(run / "refit" / "metrics.jsonl") if "epoch" in r]
+    assert refit_epochs == list(range(1, later["best_epoch"] + 1))  # continued, no epoch trained twice
+    fresh = tiny_config(tiny_data_dir, epochs=later["best_epoch"], max_steps_per_epoch=2, lr=2e-3)
+    fresh.data.train_on_valid = True
+    alone = train(fresh, tmp_path / "fresh", echo=quiet)
+    assert alone["test"] == pytest.approx(later["refit"]["test"], abs=1e-6)
+    finals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("final")]
+    assert finals[-1]["refit"] == later["refit"]  # the refit is in metrics.jsonl too (reproduce.py reads it)
+
+
+def test_train_on_valid_resumed_with_fewer_epochs_tests_its_last_epoch(tiny_data_dir, tmp_path):
+    run = tmp_path / "r"
+    cfg = tiny_config(tiny_data_dir, epochs=4, max_steps_per_epoch=1)
+    cfg.data.train_on_valid = True
+
+    def killed_after_epoch_3(line="", *args, **kwargs):
+        if str(line).startswith("epoch   3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, echo=killed_after_epoch_3)
+    cfg.train.epochs = 2
+    report = train(cfg, run, resume=True, echo=quiet)
+    assert report["best_epoch"] == 3 and torch.load(run / "best.pt", weights_only=True)["epoch"] == 3
+
+
+def test_refit_refuses_a_report_without_a_chosen_epoch(tiny_data_dir, tmp_path):
+    from genrec.train.distributed import Dist
+    from genrec.train.trainer import _refit
+
+    with pytest.raises(RunError, match="best_epoch = -1"):
+        _refit(tiny_config(tiny_data_dir, refit=True), tmp_path, {"best_epoch": -1}, False, quiet, Dist())

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from genrec import __version__
-from genrec.config import Config, config_from_dict
+from genrec.config import Config, ConfigError, config_from_dict
 from genrec.data.batches import TrainLoader, prefetch
 from genrec.data.split import Split, make_split, train_item_counts
 from genrec.data.store import SequenceStore
@@ -157,22 +157,30 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 def _refit(cfg: Config, run_dir: Path, report: dict, progress: bool | None, echo, d: Dist) -> dict:
     """Train a fresh model (same seed) on the training and validation events for the number of epochs
     chosen on validation, in ``run_dir / "refit"``, and test it once; its test metrics join report.json
-    under "refit". Nothing is selected on test. Resumable like any run; a refit left by an earlier end of
-    the run with more epochs than the new choice is moved aside (``refit.stale-N``), never deleted."""
+    (and a "final" record of metrics.jsonl) under "refit". Nothing is selected on test. Resumable like
+    any run: a run continued for more epochs continues its refit too (the chosen epoch only moves later);
+    a refit that somehow trained more epochs than the choice is moved aside (``refit.stale-N``), never
+    deleted. Rank 0 decides and every rank follows."""
     epochs = int(report["best_epoch"])
+    if epochs < 1:
+        raise RunError(f"{run_dir}: cannot refit for best_epoch = {epochs} (report.json); the run must have "
+                       f"chosen an epoch on validation")
     sub = copy.deepcopy(cfg)
     sub.train.refit, sub.data.train_on_valid, sub.train.epochs = False, True, epochs
     out = run_dir / "refit"
-    resume = (out / "last.pt").is_file()
-    if resume:
-        done = int(load_checkpoint(out / "last.pt")["state"]["epoch"])
-        if done > epochs:
-            if d.is_main:
-                out.rename(run_dir / f"refit.stale-{done}")
-                echo(f"{out} had trained {done} epochs, more than the {epochs} now chosen: moved to "
-                     f"refit.stale-{done}; refitting from scratch")
-            d.barrier()
-            resume = False
+    resume = False
+    if d.is_main and (out / "last.pt").is_file():
+        done = int(torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state"]["epoch"])
+        resume = done <= epochs
+        if not resume:
+            stale = run_dir / f"refit.stale-{done}"
+            n = 1
+            while stale.exists():
+                stale, n = run_dir / f"refit.stale-{done}.{n}", n + 1
+            out.rename(stale)
+            echo(f"{out} had trained {done} epochs, more than the {epochs} now chosen: moved to {stale.name}; "
+                 f"refitting from scratch")
+    resume = d.broadcast(resume)  # after rank 0's rename, if any
     echo(f"refit: a fresh model on the training and validation events for {epochs} epochs (chosen on "
          f"validation), in {out}")
     sub_report = _train(sub, out, resume, progress, echo, d)
@@ -181,6 +189,7 @@ def _refit(cfg: Config, run_dir: Path, report: dict, progress: bool | None, echo
                                   "protocol": sub_report["protocol"]}}
     if d.is_main:
         write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2))
+        MetricsLog(run_dir / "metrics.jsonl").write({"final": True, **report})
     return report
 
 
@@ -214,9 +223,10 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
 
     store, split = load_data(cfg)
     validating = not cfg.data.train_on_valid  # otherwise the validation events are training data
-    if (validating and len(split.valid) == 0) or len(split.test) == 0:
-        raise RunError(f"{cfg.data.path}: the {split.name} split leaves no validation or test users "
-                       f"(leave-one-out needs users with at least 3 events)")
+    for which in ("valid", "test") if validating else ("test",):
+        if len(split.examples(which)) == 0:
+            raise RunError(f"{cfg.data.path}: the {split.name} split leaves no {which} users "
+                           f"(leave-one-out needs users with at least 3 events)")
     if getattr(cfg.model, "relative_bias", None) == "position_time" and store.timestamps is None:
         echo("note: this dataset has no timestamps; HSTU's time bias is off (position bias only)")
     if not validating:
@@ -240,7 +250,12 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
     if resume:
         ckpt = load_checkpoint(last_path, map_location=device)
         # through the config classes: keys added to genrec since the run started take their defaults
-        if _resume_view(config_from_dict(ckpt["config"]).to_dict()) != _resume_view(cfg.to_dict()):
+        try:
+            started = _resume_view(config_from_dict(ckpt["config"]).to_dict())
+        except ConfigError as e:
+            raise RunError(f"{run_dir}: the run's config no longer loads in this genrec ({e}); start a new run "
+                           f"or use the genrec version that started it") from None
+        if started != _resume_view(cfg.to_dict()):
             raise RunError(f"{run_dir}: the config differs from the one the run started with; "
                            f"resume with the same config (see {run_dir / 'config.toml'})")
         model.load_state_dict(ckpt["model"])
@@ -311,9 +326,6 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
                   "steps": steps, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
         line = f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  {seconds:6.1f}s  {record['tokens_per_s']:,.0f} tok/s"
         state["epoch"] = epoch + 1
-        if not validating and epoch + 1 == tc.epochs and d.is_main:  # nothing to select on: the last epoch
-            state.update(best_epoch=epoch + 1)
-            save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "valid": None}, best_path)
         if validating and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs) and d.is_main:
             report = validate()
             value = _selected(report, cfg.eval.select_metric)
@@ -342,6 +354,8 @@ def _train(cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None
         if d.is_main:
             log.write(record, line)  # after last.pt: a crash in between never duplicates an epoch on resume
 
+    if not validating and d.is_main:  # nothing to select on: the last epoch trained is the one tested
+        save_checkpoint({**meta, "model": model.state_dict(), "epoch": state["epoch"], "valid": None}, best_path)
     report = finish(cfg, run_dir, model, loss_fn, store, split, device, log, echo) if d.is_main else None
     return d.broadcast(report)
 
