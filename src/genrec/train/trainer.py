@@ -170,7 +170,7 @@ def _refit(cfg: Config, run_dir: Path, report: dict, progress: bool | None, echo
     out = run_dir / "refit"
     resume = False
     if d.is_main and (out / "last.pt").is_file():
-        done = int(torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state"]["epoch"])
+        done = int(load_checkpoint(out / "last.pt")["state"]["epoch"])
         resume = done <= epochs
         if not resume:
             stale = run_dir / f"refit.stale-{done}"
