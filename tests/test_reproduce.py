@@ -21,6 +21,13 @@ def fake_run(out: Path, hr: float, epochs: int = 5, best: int = 4, wall: float =
     (out / "wall.json").write_text(json.dumps({"seconds": wall, "command": "genrec train x"}))
 
 
+def only_row(row: reproduce.Row, tmp_path: Path, monkeypatch) -> Path:
+    """Make ``row`` the table's only row, with its runs under tmp_path; returns its seed-0 run directory."""
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    monkeypatch.setattr(reproduce, "ROWS", [row])
+    return reproduce.run_dir(row, 0)
+
+
 def test_every_row_has_a_loadable_preset():
     from genrec.config import load_config
 
@@ -105,10 +112,8 @@ def test_finished_runs_continue_when_the_preset_asks_for_more(tmp_path, monkeypa
 
 
 def test_table_adds_a_refit_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
-    row = reproduce.Row("ml-1m", "hstu", (0.3097, 0.1720), "HSTU paper", ">= published")
-    monkeypatch.setattr(reproduce, "ROWS", [row])
-    out = reproduce.run_dir(row, 0)
+    out = only_row(reproduce.Row("ml-1m", "hstu", (0.3097, 0.1720), "HSTU paper", ">= published"), tmp_path,
+                   monkeypatch)
     fake_run(out, 0.30, epochs=101, best=90)
     report = json.loads((out / "report.json").read_text())
     report["refit"] = {"epochs": 90, "test": {m: 0.36 / (2 if "ndcg" in m else 1) for m in reproduce.METRICS},
@@ -164,10 +169,8 @@ def test_wall_time_is_recorded_while_a_run_is_going(tmp_path, monkeypatch):
 
 
 def test_a_run_being_continued_shows_its_last_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
-    row = reproduce.Row("ml-1m", "sasrec", (0.2853, 0.1603), "HSTU paper", ">= published")
-    monkeypatch.setattr(reproduce, "ROWS", [row])
-    out = reproduce.run_dir(row, 0)
+    out = only_row(reproduce.Row("ml-1m", "sasrec", (0.2853, 0.1603), "HSTU paper", ">= published"), tmp_path,
+                   monkeypatch)
     fake_run(out, 0.28, epochs=101, best=101)
     report = json.loads((out / "report.json").read_text())
     (out / "report.json").unlink()  # withdrawn: the run continues towards more epochs
@@ -187,9 +190,8 @@ def test_a_run_being_continued_shows_its_last_report(tmp_path, monkeypatch):
 
 
 def test_refit_line_of_a_row_with_some_seeds_refit(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
     row = reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published", seeds=[0, 1])
-    monkeypatch.setattr(reproduce, "ROWS", [row])
+    only_row(row, tmp_path, monkeypatch)
     for seed in (0, 1):
         fake_run(reproduce.run_dir(row, seed), 0.09)
     path = reproduce.run_dir(row, 1) / "report.json"
