@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec.data.batches import Batch
-from genrec.models import HSTU, SASRec, build_model
+from genrec.models import HSTU, SASRec, build_model, kernels
 from genrec.models.gru4rec import GRU4RecConfig
 from genrec.models.hstu import HSTUConfig, gather_scalars
 from genrec.models.mamba4rec import Mamba4RecConfig
@@ -445,7 +445,7 @@ def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows, jagged)
     want = ((F.silu(scores) * mask) @ vh).transpose(1, 2)
     real = (torch.arange(L)[None, :] < lengths[:, None])[:, :, None, None] if jagged else torch.ones(1, 1, 1, 1)
     torch.testing.assert_close(got * real, want * real, atol=1e-3, rtol=1e-4)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use_kernels(False):  # the stock forward (tests/test_kernels.py: the kernel)
         torch.testing.assert_close(causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile) * real,
                                    want * real, atol=1e-3, rtol=1e-4)
     inputs = [proj] + ([bias] if bias is not None else [])

@@ -1,0 +1,102 @@
+"""Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (HSTU's causal SiLU
+attention forward for inference: float32, CPU, no autograd), or None when it cannot be used; callers
+then take the stock PyTorch path, which computes the same function (tests/test_kernels.py checks that
+they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in
+``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and says so on stderr.
+
+``GENREC_KERNELS`` selects: ``auto`` (default: use the kernel when it builds, otherwise warn once and
+fall back), ``off`` (never build or use it), ``require`` (raise if it cannot be built). The build uses
+``-march=native``; the extension's name carries a fingerprint of the CPU's features, so machines that
+share a home directory never load each other's builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("silu_attention.cpp")
+_MODES = ("auto", "off", "require")
+_state: dict[str, object] = {}  # "module": the extension or None once decided; "error": why not
+_override: list[bool | None] = [None]
+
+
+def mode() -> str:
+    value = os.environ.get("GENREC_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"GENREC_KERNELS={value!r}: choose one of {', '.join(_MODES)}")
+    return value
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's feature flags (what -march=native compiles for), hashed with the source and torch version."""
+    import torch
+
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        flags += platform.processor()
+    digest = hashlib.sha1((flags + torch.__version__ + _SOURCE.read_text()).encode()).hexdigest()
+    return digest[:12]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    if sys.platform == "win32":
+        raise RuntimeError("the kernel is built with GCC or Clang vector extensions; not on Windows")
+    cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
+    ldflags = []
+    if sys.platform.startswith("linux"):  # Apple's clang has no OpenMP: one thread per call there
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    name = f"genrec_silu_attention_{_cpu_fingerprint()}"
+    try:
+        built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of PyTorch's: if it moves, just announce the build
+        built = False
+    if not built:
+        print("genrec: compiling the CPU attention kernel (once per machine, about a minute; "
+              "GENREC_KERNELS=off skips it)", file=sys.stderr, flush=True)
+    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+
+
+def silu_attention():
+    """The compiled extension, or None (disabled, or it failed to build: warned once)."""
+    if _override[0] is False or (_override[0] is None and mode() == "off"):
+        return None
+    if "module" not in _state:
+        current = mode()
+        try:
+            _state["module"] = _build()
+        except Exception as exc:  # compiler missing, headers missing, unsupported platform
+            _state["module"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
+            if current == "require":
+                raise RuntimeError(f"GENREC_KERNELS=require but the CPU kernel did not build: {exc}") from exc
+            warnings.warn(f"genrec's CPU attention kernel did not build ({_state['error'].splitlines()[0]}); "
+                          "using the stock PyTorch path (same results, slower). Set GENREC_KERNELS=off to skip "
+                          "the attempt.", RuntimeWarning, stacklevel=2)
+    return _state["module"]
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool):
+    """Force the kernels on (build if needed, whatever GENREC_KERNELS says) or off inside the block
+    (the tests and benchmarks compare the two paths with it)."""
+    previous = _override[0]
+    _override[0] = enabled
+    try:
+        yield
+    finally:
+        _override[0] = previous
