@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.data.batches import Batch
 from genrec.models import HSTU, kernels
 from genrec.models.hstu import HSTUConfig, causal_silu_attention
 
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                    reason="no C++ compiler on this machine: the kernel cannot be built")
+needs_compiler = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available(),
+    reason="no C++ compiler (c++ or $CXX) or no ninja on this machine: the kernel cannot be built")
+
+
+def _built():
+    with kernels.use_kernels(True):
+        kernel = kernels.silu_attention()
+    assert kernel is not None, kernels._state.get("error")
+    return kernel
 
 
 def _reference(q, k, v, bias, lengths):
@@ -42,10 +53,7 @@ def test_kernel_equals_reference(dqk, dv, L, bias_rows):
     q, k, v = torch.split(proj, [H * dqk, H * dqk, H * dv], dim=-1)
     q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)
     bias = torch.randn(bias_rows, L, L, generator=g) if bias_rows else None
-    with kernels.use_kernels(True):
-        kernel = kernels.silu_attention()
-    assert kernel is not None, kernels._state.get("error")
-    got = kernel.causal_silu_attention(q, k, v, bias if bias is not None else torch.empty(0), lengths)
+    got = _built().causal_silu_attention(q, k, v, bias if bias is not None else torch.empty(0), lengths)
     want, real = _reference(q, k, v, bias, lengths)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double() * real, want, atol=2e-3, rtol=1e-4)
@@ -60,9 +68,7 @@ def test_kernel_edge_lengths_and_extreme_scores():
     k = torch.zeros(B, L, H, d)
     q[..., 0], k[..., 0] = 100.0, torch.linspace(-100, 100, L)[None, :, None]  # scores from -1e4 to 1e4
     v = torch.ones(B, L, H, d)
-    with kernels.use_kernels(True):
-        kernel = kernels.silu_attention()
-    assert kernel is not None, kernels._state.get("error")
+    kernel = _built()
     lengths = torch.tensor([0, 4, 50])  # none, some, clamped to L
     got = kernel.causal_silu_attention(q, k, v, torch.empty(0), lengths)
     want, _ = _reference(q, k, v, None, lengths.clamp(max=L))
@@ -71,8 +77,54 @@ def test_kernel_edge_lengths_and_extreme_scores():
 
 
 @needs_compiler
+def test_kernel_silu_far_below_exp_range_and_nan():
+    """Scores of -1e38 weigh exactly 0 (not x / 1.6e38); a NaN score gives NaN, as torch's SiLU does."""
+    q = torch.tensor([1e19, 1e19, float("nan")]).view(1, 3, 1, 1)
+    k = torch.tensor([-1e19, 1.0, 1.0]).view(1, 3, 1, 1)
+    v = torch.ones(1, 3, 1, 1)
+    got = _built().causal_silu_attention(q, k, v, torch.empty(0), torch.tensor([3]))[0, :, 0, 0]
+    assert got[0] == 0  # SiLU(-1e38) -> 0
+    assert got[1] == F.silu(torch.tensor(1e19))  # SiLU(-1e38) + SiLU(1e19) = 1e19
+    assert got[2].isnan()
+
+
+@needs_compiler
+def test_kernel_takes_any_strides_int32_lengths_and_more_threads_than_tasks():
+    """Transposed and expanded views, a size-1 last dimension with a stride, int32 lengths, 4 threads for 2 tasks."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H = 2, 23, 1
+    q = torch.randn(B, H, L, 6, generator=g).transpose(1, 2)  # (B, L, H, 6), non-standard strides
+    k = torch.randn(1, L, H, 6, generator=g).expand(B, L, H, 6)  # batch stride 0
+    v = torch.randn(B, L, 1, H, generator=g).transpose(2, 3)  # (B, L, H, 1): last dim of size 1, stride H
+    lengths = torch.tensor([23, 9], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = _built().causal_silu_attention(q, k, v, torch.empty(0), lengths)
+    finally:
+        torch.set_num_threads(threads)
+    want, real = _reference(q, k, v, None, lengths.long())
+    torch.testing.assert_close(got.double() * real, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # inside torch's forward AD
+def test_forward_mode_autodiff_keeps_its_tangent():
+    """Dual tensors never reach the kernel (it has no tangent rule): the stock path propagates the tangent."""
+    q = torch.randn(2, 5, 1, 3)
+    direction = torch.randn_like(q)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, direction)
+        assert not kernels.applies(dual)
+        tangent = fwAD.unpack_dual(causal_silu_attention(dual, q, q, None)).tangent
+    eps = 1e-3
+    finite = (causal_silu_attention(q + eps * direction, q, q, None)
+              - causal_silu_attention(q - eps * direction, q, q, None)) / (2 * eps)
+    torch.testing.assert_close(tangent, finite, atol=1e-2, rtol=1e-2)
+
+
+@needs_compiler
 @pytest.mark.parametrize("relative_bias", ["position", "position_time"])
-def test_model_outputs_equal_with_and_without_kernel(relative_bias):
+def test_model_outputs_equal_with_and_without_kernel(relative_bias, monkeypatch):
     """HSTU's forward and next-item queries (inference) are the same with the kernel and the stock path."""
     torch.manual_seed(0)
     model = HSTU(HSTUConfig(dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_len=40,
@@ -81,28 +133,50 @@ def test_model_outputs_equal_with_and_without_kernel(relative_bias):
     items = torch.randint(1, 51, (4, 40)) * (torch.arange(40)[None] < lengths[:, None])
     times = torch.cumsum(torch.randint(1, 10_000, (4, 40)), 1)
     batch = Batch(items=items, lengths=lengths, timestamps=times)
-    outs = {}
-    for enabled in (False, True):
-        with kernels.use_kernels(enabled), torch.no_grad():
-            outs[enabled] = (model(batch), model.next_item_queries(batch))
-    assert kernels.silu_attention() is not None or kernels.mode() == "off"
-    for a, b in zip(outs[False], outs[True]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with kernels.use_kernels(False), torch.no_grad():
+        want = (model(batch), model.next_item_queries(batch))
+    kernel, calls = _built(), []
 
-
-def test_training_never_uses_the_kernel(monkeypatch):
-    """With autograd recording, the stock recomputing path runs (the kernel has no backward)."""
-    class Exploding:
+    class Spy:
         def causal_silu_attention(self, *args):
-            raise AssertionError("kernel called under autograd")
+            calls.append(args[0].shape)
+            return kernel.causal_silu_attention(*args)
 
-    monkeypatch.setattr(kernels, "silu_attention", lambda: Exploding())
-    q = torch.randn(2, 5, 1, 3, requires_grad=True)
-    out = causal_silu_attention(q, q, q, None, torch.tensor([5, 2]))
-    out.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
-    with torch.no_grad(), pytest.raises(AssertionError, match="kernel called"):
-        causal_silu_attention(q, q, q, None, torch.tensor([5, 2]))
+    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = (model(batch), model.next_item_queries(batch))
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 2 * (3 + 2)  # every layer of forward, all but the last of next_item_queries
+
+
+@needs_compiler
+@pytest.mark.parametrize("bias_rows", [0, 1, 3])
+def test_training_forward_from_kernel_backward_from_tiles(bias_rows):
+    """Under autograd the kernel makes the forward and the tiled path recomputes scores for the backward:
+    outputs and gradients equal plain autograd over the full masked scores (rows unsorted: permuted)."""
+    g = torch.Generator().manual_seed(bias_rows)
+    B, L, H = 3, 37, 2
+    lengths = torch.tensor([12, 37, 30])
+    proj = torch.randn(B, L, H * 14, generator=g, requires_grad=True)
+    q, k, v = torch.split(proj, [H * 4, H * 4, H * 6], dim=-1)
+    q, k, v = q.view(B, L, H, 4), k.view(B, L, H, 4), v.view(B, L, H, 6)
+    bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True) if bias_rows else None
+    with kernels.use_kernels(True):
+        got = causal_silu_attention(q, k, v, bias, lengths)
+    assert kernels._state.get("module") is not None, kernels._state.get("error")
+    mask = torch.ones(L, L).tril()
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    want = ((F.silu(qh @ kh.transpose(-1, -2) + (bias[:, None] if bias is not None else 0)) * mask) @ vh)
+    want = want.transpose(1, 2)
+    real = (torch.arange(L)[None, :] < lengths[:, None])[:, :, None, None]
+    torch.testing.assert_close(got * real, want * real, atol=1e-4, rtol=1e-4)
+    weights = torch.randn(got.shape, generator=g) * real
+    inputs = [proj] + ([bias] if bias is not None else [])
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                    torch.autograd.grad((want * weights).sum(), inputs)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_modes_and_build_failure(monkeypatch):

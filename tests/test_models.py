@@ -438,14 +438,15 @@ def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows, jagged)
     q, k, v = q.view(B, L, H, 4), k.view(B, L, H, 4), v.view(B, L, H, 5)
     bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True) if bias_rows else None
     lens = lengths if jagged else None
-    got = causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile)  # (B, L, H, 5)
+    with kernels.use_kernels(False):  # the stock tiles (tests/test_kernels.py: the compiled forward)
+        got = causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile)  # (B, L, H, 5)
     mask = torch.ones(L, L).tril()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
     scores = qh @ kh.transpose(-1, -2) + (bias[:, None] if bias is not None else 0)
     want = ((F.silu(scores) * mask) @ vh).transpose(1, 2)
     real = (torch.arange(L)[None, :] < lengths[:, None])[:, :, None, None] if jagged else torch.ones(1, 1, 1, 1)
     torch.testing.assert_close(got * real, want * real, atol=1e-3, rtol=1e-4)
-    with torch.no_grad(), kernels.use_kernels(False):  # the stock forward (tests/test_kernels.py: the kernel)
+    with torch.no_grad(), kernels.use_kernels(False):
         torch.testing.assert_close(causal_silu_attention(q, k, v, bias, lens, block=block, tile=tile) * real,
                                    want * real, atol=1e-3, rtol=1e-4)
     inputs = [proj] + ([bias] if bias is not None else [])

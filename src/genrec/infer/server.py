@@ -38,6 +38,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from genrec.infer.recommender import Recommendation, Recommender
+from genrec.models import HSTU, kernels
 
 ItemId = Union[StrictInt, StrictStr]
 
@@ -257,6 +258,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, checkp
 
     pool = model_executor(threads, workers)
     rec = pool.submit(Recommender.load, run_dir, checkpoint=checkpoint).result()  # in the model thread too
+    if isinstance(rec.model, HSTU):  # build or load the attention kernel now, not during the first request
+        pool.submit(kernels.silu_attention).result()
     if compile:
         from genrec.infer.export import compiled_encoder
 

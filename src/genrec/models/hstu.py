@@ -203,10 +203,12 @@ class _CausalSiluAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None):
+    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None,
+                out: torch.Tensor | None = None):
+        """``out``: the forward already computed by the compiled kernel (backward recomputes its own tiles)."""
         ctx.save_for_backward(qf, kf, vf, bias)
         ctx.config = (H, block, tile, row_len)
-        return _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
+        return out if out is not None else _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
 
     @staticmethod
     def backward(ctx, grad):
@@ -232,7 +234,7 @@ class _CausalSiluAttention(torch.autograd.Function):
                     dbias[r0 // H:r1 // H, q0:q1, :q1] += dscores.view(-1, H, q1 - q0, q1).sum(1)
                 else:
                     dbias[0, q0:q1, :q1] += dscores.sum(0)
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -250,8 +252,9 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     With ``lengths`` (B,) the rows are processed longest first and each tile stops at its longest
     row's length, so a batch of mixed lengths costs about what its real tokens need (jagged attention
     without changing the batch); outputs at padding positions are then unspecified (finite).
-    Without autograd (evaluation, serving) on CPU in float32, the compiled register-blocked kernel of
-    genrec/models/kernels computes the same function 2-3x faster when it builds (``GENREC_KERNELS``).
+    On CPU in float32 the forward comes from the compiled register-blocked kernel of genrec/models/kernels
+    when it builds (``GENREC_KERNELS``): the same function 2-3x faster; under autograd the tiled backward
+    above still recomputes the scores (the kernel has no backward).
     q, k: (B, L, H, dqk); v: (B, L, H, dv) (views of one projection are fine); bias: (B or 1, L, L) or
     None. Returns (B, L, H, dv).
     """
@@ -262,13 +265,15 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     if is_static():
         return _dense_silu_attention(q, k, v, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
-    if not needs_grad and q.device.type == "cpu" and q.dtype == torch.float32:
-        kernel = kernels.silu_attention()  # inference: the compiled register-blocked kernel, when it builds
-        if kernel is not None:
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            return kernel.causal_silu_attention(
-                q, k, v, bias.contiguous() if bias is not None else q.new_empty(0),
-                lengths if lengths is not None else torch.full((B,), L, dtype=torch.long))
+    kernel_out = None  # the compiled register-blocked kernel's forward, when it builds (CPU, float32)
+    if kernels.applies(q, k, v, bias) and (kernel := kernels.silu_attention()) is not None:
+        with torch.no_grad():
+            kernel_out = kernel.causal_silu_attention(
+                *(t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v)),
+                bias.detach().contiguous() if bias is not None else q.new_empty(0),
+                lengths if lengths is not None else torch.full((B,), L, dtype=torch.long))  # (B, L, H, dv)
+        if not needs_grad:
+            return kernel_out
     row_len = order = None
     if lengths is not None and B > 1:
         sorted_len, order = longest_first(lengths.clamp(min=1, max=L))
@@ -280,7 +285,10 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
                 bias = permute_rows(bias, order, inverse)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if needs_grad:
-        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
+        if kernel_out is not None:  # the kernel's forward in the tiles' (B*H, L, dv) layout and row order
+            kernel_out = permute_rows(kernel_out, order, inverse) if order is not None else kernel_out
+            kernel_out = kernel_out.transpose(1, 2).reshape(B * H, L, dv)
+        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len, kernel_out)
     else:
         out = _attention_forward(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
     out = out.view(B, H, L, dv)

@@ -19,13 +19,17 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import warnings
 from pathlib import Path
+
+import torch
 
 _SOURCE = Path(__file__).with_name("silu_attention.cpp")
 _MODES = ("auto", "off", "require")
 _state: dict[str, object] = {}  # "module": the extension or None once decided; "error": why not
 _override: list[bool | None] = [None]
+_building = threading.Lock()
 
 
 def mode() -> str:
@@ -37,8 +41,6 @@ def mode() -> str:
 
 def _cpu_fingerprint() -> str:
     """The CPU's feature flags (what -march=native compiles for), hashed with the source and torch version."""
-    import torch
-
     flags = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -52,6 +54,8 @@ def _cpu_fingerprint() -> str:
 
 
 def _build():
+    import fcntl  # POSIX only: Windows is refused below before it is needed
+
     from torch.utils import cpp_extension
 
     if sys.platform == "win32":
@@ -62,32 +66,56 @@ def _build():
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
     name = f"genrec_silu_attention_{_cpu_fingerprint()}"
-    try:
-        built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
-    except Exception:  # a private helper of PyTorch's: if it moves, just announce the build
-        built = False
-    if not built:
+    build_dir = Path(cpp_extension._get_build_directory(name, False))
+    if not any(build_dir.glob(f"{name}*.so")):
         print("genrec: compiling the CPU attention kernel (once per machine, about a minute; "
               "GENREC_KERNELS=off skips it)", file=sys.stderr, flush=True)
-    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    # PyTorch guards the build directory with a lock file that a killed process leaves behind, after which
+    # every later load waits forever. genrec's processes take an flock first (the OS releases it when its
+    # holder dies), so whoever holds it is the only one that can be building: a lock file found then is stale.
+    with open(build_dir / "genrec.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                                  build_directory=str(build_dir), verbose=False)
 
 
 def silu_attention():
-    """The compiled extension, or None (disabled, or it failed to build: warned once)."""
+    """The compiled extension, or None (disabled, failed to build: warned once per process; or built
+    without OpenMP, as with Apple's clang, while PyTorch uses several threads: the stock path is then faster)."""
     if _override[0] is False or (_override[0] is None and mode() == "off"):
         return None
     if "module" not in _state:
-        current = mode()
-        try:
-            _state["module"] = _build()
-        except Exception as exc:  # compiler missing, headers missing, unsupported platform
-            _state["module"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
-            if current == "require":
-                raise RuntimeError(f"GENREC_KERNELS=require but the CPU kernel did not build: {exc}") from exc
-            warnings.warn(f"genrec's CPU attention kernel did not build ({_state['error'].splitlines()[0]}); "
-                          "using the stock PyTorch path (same results, slower). Set GENREC_KERNELS=off to skip "
-                          "the attempt.", RuntimeWarning, stacklevel=2)
-    return _state["module"]
+        with _building:  # the server's worker threads may all ask at once: one build
+            if "module" not in _state:
+                _state.update(_decide(mode()))
+    module = _state["module"]
+    if module is not None and not module.built_with_openmp() and torch.get_num_threads() > 1:
+        return None
+    return module
+
+
+def _decide(current: str) -> dict:
+    """{"module": extension or None, "error": why not}."""
+    try:
+        return {"module": _build()}
+    except Exception as exc:  # compiler missing, headers missing, unsupported platform
+        error = f"{type(exc).__name__}: {exc}"
+        if current == "require":
+            raise RuntimeError(f"GENREC_KERNELS=require but the CPU kernel did not build: {exc}") from exc
+        warnings.warn(f"genrec's CPU attention kernel did not build ({error.splitlines()[0]}); using the stock "
+                      "PyTorch path (same results, slower). Set GENREC_KERNELS=off to skip the attempt.",
+                      RuntimeWarning, stacklevel=3)
+        return {"module": None, "error": error}
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernel can compute on these tensors: plain CPU float32 tensors, outside forward-mode
+    autodiff and torch.func transforms (the kernel has neither tangents nor batching rules)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+                             and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,14 @@ inline v8 exp8(v8 x) {
   return y * scale;
 }
 
-inline v8 silu8(v8 x) { return x / (splat(1.0f) + exp8(-x)); }
+// SiLU(x) = x / (1 + exp(-x)); exactly 0 below -88 (where exp(-x) would saturate at the clamp and leave
+// x / 1.6e38 instead of ~0), NaN stays NaN (and never reaches exp8's float-to-int conversion).
+inline v8 silu8(v8 x) {
+  const v8i number = x == x;
+  const v8 safe = number ? x : splat(0.0f);
+  const v8 y = safe / (splat(1.0f) + exp8(-safe));
+  return number ? (safe < splat(-88.0f) ? splat(0.0f) : y) : x;
+}
 
 // acc (QB rows, stride dvp) += w (QB, KB)[:, :jn] @ vrows (jn rows, stride dvp), NV vectors of columns: three
 // rows at a time, so 3 x NV accumulators and the NV value vectors of one key stay in registers.
@@ -161,7 +168,10 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, L, H, d)");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
               v.scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "last dimension must be contiguous");
+  for (const auto* t : {&q, &k, &v, &bias, &lengths})
+    TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "the last dimension of q, k, v must be contiguous");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), dqk = q.size(3), dv = v.size(3);
   TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == B && v.size(1) == L && v.size(2) == H, "shape mismatch");
   const bool has_bias = bias.numel() > 0;
@@ -201,6 +211,17 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
   return out;
 }
 
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("causal_silu_attention", &causal_silu_attention, "causal SiLU attention forward (CPU, float32)");
+  // no Python object is touched while it runs: other threads (the HTTP server's event loop) keep going
+  m.def("causal_silu_attention", &causal_silu_attention, "causal SiLU attention forward (CPU, float32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for can use more than one thread");
 }
