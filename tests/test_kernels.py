@@ -123,13 +123,20 @@ def test_forward_mode_autodiff_keeps_its_tangent():
 
 
 @needs_compiler
-@pytest.mark.parametrize("relative_bias", ["position", "position_time"])
-def test_model_outputs_equal_with_and_without_kernel(relative_bias, monkeypatch):
-    """HSTU's forward and next-item queries (inference) are the same with the kernel and the stock path."""
+@pytest.mark.parametrize("variant,lengths,fused", [
+    ({"relative_bias": "position"}, [40, 3, 17, 1], True),  # packed tokens (mostly padding)
+    ({"relative_bias": "position_time"}, [40, 3, 17, 1], True),  # per-row time bias
+    ({"relative_bias": "position"}, [40, 39, 38, 40], True),  # a (B * L) grid: too little padding to pack
+    ({"attn_scale": True, "attn_norm": "batch_max", "relative_bias": "none"}, [40, 3, 17, 1], True),
+    ({"attn_norm": "visible"}, [40, 3, 17, 1], False),  # per-query normaliser: attention kernel only
+    ({"ln_affine": True}, [40, 3, 17, 1], False),
+])
+def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, monkeypatch):
+    """HSTU's forward and next-item queries (inference) are the same with the kernels and the stock path,
+    and the kernels actually ran: the fused layer where its options allow, the attention kernel otherwise."""
     torch.manual_seed(0)
-    model = HSTU(HSTUConfig(dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_len=40,
-                            relative_bias=relative_bias), 50).eval()
-    lengths = torch.tensor([40, 3, 17, 1])
+    model = HSTU(HSTUConfig(dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_len=40, **variant), 50).eval()
+    lengths = torch.tensor(lengths)
     items = torch.randint(1, 51, (4, 40)) * (torch.arange(40)[None] < lengths[:, None])
     times = torch.cumsum(torch.randint(1, 10_000, (4, 40)), 1)
     batch = Batch(items=items, lengths=lengths, timestamps=times)
@@ -138,9 +145,11 @@ def test_model_outputs_equal_with_and_without_kernel(relative_bias, monkeypatch)
     kernel, calls = _built(), []
 
     class Spy:
-        def causal_silu_attention(self, *args):
-            calls.append(args[0].shape)
-            return kernel.causal_silu_attention(*args)
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(kernel, name)(*args)
+            return call
 
     monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
     for mode in (torch.no_grad, torch.inference_mode):
@@ -148,7 +157,8 @@ def test_model_outputs_equal_with_and_without_kernel(relative_bias, monkeypatch)
             got = (model(batch), model.next_item_queries(batch))
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert len(calls) == 2 * (3 + 2)  # every layer of forward, all but the last of next_item_queries
+    # every layer of forward, all but the last of next_item_queries; twice
+    assert calls == ["hstu_attention_gate" if fused else "causal_silu_attention"] * (2 * (3 + 2))
 
 
 @needs_compiler
@@ -207,3 +217,19 @@ def test_modes_and_build_failure(monkeypatch):
     q = torch.randn(2, 5, 1, 3)
     want, _ = _reference(q, q, q, None, torch.tensor([5, 5]))
     torch.testing.assert_close(causal_silu_attention(q, q, q, None).double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+def test_fused_layer_checks_its_inputs():
+    kernel = _built()
+    uvqk = torch.randn(10, 2 * 2 * 3 + 2 * 2 * 4)  # H = 2, dv = 3, dqk = 4
+    none = torch.empty(0)
+    with pytest.raises(RuntimeError, match="uvqk has 28 columns; expected 2 H dv \\+ 2 H dqk"):
+        kernel.hstu_attention_gate(uvqk, torch.tensor([0]), torch.tensor([5]), none, 2, 4, 4, 1.0, 1.0, 1e-6)
+    with pytest.raises(RuntimeError, match="batch row 1 runs past the projection"):
+        kernel.hstu_attention_gate(uvqk, torch.tensor([0, 6]), torch.tensor([5, 5]), none, 2, 4, 3, 1.0, 1.0, 1e-6)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
+        kernel.hstu_attention_gate(uvqk, torch.tensor([0]), torch.tensor([5]), torch.zeros(1, 4, 4), 2, 4, 3,
+                                   1.0, 1.0, 1e-6)
+    out = kernel.hstu_attention_gate(uvqk, torch.tensor([2]), torch.tensor([5]), none, 2, 4, 3, 1.0, 1.0, 1e-6)
+    assert out[:2].abs().max() == 0 and out[7:].abs().max() == 0 and out[2:7].abs().max() > 0  # other rows zero

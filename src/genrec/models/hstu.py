@@ -375,6 +375,13 @@ class HSTULayer(nn.Module):
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         uvqk = self.in_norm(x) @ self.uvqk  # (N, 2*H*dv + 2*H*dqk)
+        if (kernel := self._fused_kernel(uvqk)) is not None:  # inference: SiLU -> attention -> gate in one pass
+            bias = self.rab(L, buckets) if self.rab is not None else None
+            norm = self.normaliser(L, lengths, x.device)
+            gated = kernel.hstu_attention_gate(
+                uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
+                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0, 1.0 / float(norm), cfg.ln_eps)
+            return self.out(self.dropout(gated)) + x
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
@@ -389,6 +396,17 @@ class HSTULayer(nn.Module):
         o = causal_silu_attention(q, k, v, bias, lengths) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
         return self.output(u, o, x)
+
+    def _fused_kernel(self, uvqk: torch.Tensor):
+        """The compiled extension when it can run the middle of this layer (``hstu_attention_gate``): no
+        autograd, the reference layer's options (SiLU on U, V, Q, K; output U * LN(O) without affine; one
+        normaliser per batch), plain CPU float32; else None."""
+        cfg = self.cfg
+        if (torch.is_grad_enabled() or is_static() or cfg.silu != "uvqk" or cfg.output != "u_ln_o"
+                or cfg.ln_affine or cfg.attn_norm == "visible" or not uvqk.is_contiguous()
+                or not kernels.applies(uvqk)):
+            return None
+        return kernels.silu_attention()
 
     def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                      buckets: torch.Tensor | None) -> torch.Tensor:

@@ -139,6 +139,12 @@ class Tokens:
         return (torch.arange(self.B, device=self.keep.device)[:, None].expand(grid).reshape(-1),
                 torch.arange(self.L, device=self.keep.device)[None, :].expand(grid).reshape(-1))
 
+    def starts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) index of each row's first token in the (N, ...) layout (its tokens follow it)."""
+        if self.packed:
+            return torch.cumsum(lengths, 0) - lengths
+        return torch.arange(self.B, device=lengths.device) * self.L
+
     def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) index of each row's last real token in the (N, ...) layout (rows with >= 1 token)."""
         if self.packed:

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -87,23 +88,48 @@ inline void weighted_values(const float* w, const float* vrows, float* acc, int6
   }
 }
 
+// p[0, count) <- SiLU(p[0, count)), whole vectors and one padded partial vector
+void silu_inplace(float* p, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) store(p + i, silu8(load(p + i)));
+  if (i < count) {
+    float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tail, p + i, (count - i) * sizeof(float));
+    store(tail, silu8(load(tail)));
+    std::memcpy(p + i, tail, (count - i) * sizeof(float));
+  }
+}
+
+// One (batch row, head): n real positions. q, k, v, out point at position 0 of this head; strides are per
+// position. bias at (b or 0, 0, 0) or null. With ``silu_inputs`` q, k and v are the raw projection and
+// SiLU is applied here, to the packed copies (each element once); q is then multiplied by q_scale.
+// Output rows [n, zero_rows) are zero-filled (the padding of a (B, L) layout).
 void attention_task(const float* q, const float* k, const float* v, const float* bias, float* out,
-                    int64_t n, int64_t L, int64_t dqk, int64_t dv, int64_t q_stride, int64_t k_stride,
-                    int64_t v_stride, int64_t bias_stride, int64_t out_stride, std::vector<float>& buf) {
-  // q, k, v, out point at (b, 0, h, 0); strides are per position. bias at (b or 0, 0, 0) or null.
+                    int64_t n, int64_t zero_rows, int64_t dqk, int64_t dv, int64_t q_stride, int64_t k_stride,
+                    int64_t v_stride, int64_t bias_stride, int64_t out_stride, bool silu_inputs, float q_scale,
+                    std::vector<float>& buf) {
   const int64_t Lp = (n + KB - 1) / KB * KB;
   const int64_t dvp = (dv + 7) / 8 * 8;
   const int64_t nv = dvp / 8;
-  buf.assign(dqk * Lp + Lp * dvp + QB * Lp + QB * KB + QB * dvp, 0.0f);
-  float* kt = buf.data();          // (dqk, Lp): keys transposed
+  buf.assign(n * dqk + dqk * Lp + Lp * dvp + QB * Lp + QB * KB + QB * dvp, 0.0f);
+  float* qp = buf.data();          // (n, dqk): queries
+  float* kt = qp + n * dqk;        // (dqk, Lp): keys transposed
   float* vp = kt + dqk * Lp;       // (Lp, dvp): values, padded
   float* brow = vp + Lp * dvp;     // (QB, Lp): this block's bias rows
   float* w = brow + QB * Lp;       // (QB, KB): SiLU weights of one register block
   float* acc_o = w + QB * KB;      // (QB, dvp): output rows
   for (int64_t j = 0; j < n; ++j) {
+    std::memcpy(qp + j * dqk, q + j * q_stride, dqk * sizeof(float));
     for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
     std::memcpy(vp + j * dvp, v + j * v_stride, dv * sizeof(float));
   }
+  if (silu_inputs) {  // the padding of kt and vp is zero and SiLU(0) = 0
+    silu_inplace(qp, n * dqk);
+    silu_inplace(kt, dqk * Lp);
+    silu_inplace(vp, Lp * dvp);
+  }
+  if (q_scale != 1.0f)
+    for (int64_t i = 0; i < n * dqk; ++i) qp[i] *= q_scale;
   const v8 lane_lo = v8{0, 1, 2, 3, 4, 5, 6, 7};
   const v8 lane_hi = lane_lo + splat(8.0f);
   for (int64_t i0 = 0; i0 < n; i0 += QB) {
@@ -111,7 +137,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     const float* qr[QB];
     for (int r = 0; r < QB; ++r) {
       const int64_t i = std::min(i0 + r, n - 1);  // rows past the end repeat the last one (discarded)
-      qr[r] = q + i * q_stride;
+      qr[r] = qp + i * dqk;
       if (bias) {
         std::memcpy(brow + r * Lp, bias + i * bias_stride, keys * sizeof(float));
         std::fill(brow + r * Lp + keys, brow + r * Lp + Lp, 0.0f);
@@ -156,7 +182,67 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     for (int r = 0; r < QB && i0 + r < n; ++r)
       std::memcpy(out + (i0 + r) * out_stride, acc_o + r * dvp, dv * sizeof(float));
   }
-  for (int64_t i = n; i < L; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
+  for (int64_t i = n; i < zero_rows; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
+}
+
+// Runs task(b, h, buffer) for every (batch row, head), longest rows first, handed out one at a time: a
+// static split of length-sorted rows (as evaluation batches come) would give one thread all the long ones.
+template <typename Task>
+void for_each_row_head(const int64_t* lengths, int64_t B, int64_t H, Task&& task) {
+  std::vector<int64_t> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b] = b;
+  std::stable_sort(rows.begin(), rows.end(), [&](int64_t x, int64_t y) { return lengths[x] > lengths[y]; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), B * H);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf;
+    for (int64_t t = next++; t < B * H; t = next++) task(rows[t / H], t % H, buf);
+  });
+}
+
+inline float hsum(v8 v) {
+  float r = 0.0f;
+  for (int i = 0; i < 8; ++i) r += v[i];
+  return r;
+}
+
+// g[t] <- SiLU(u[t]) * LayerNorm(g[t] * inv_norm) for one token: C values, no affine, biased variance
+// (two passes, as torch's). tmp holds 2 * Cp floats, Cp = C rounded up to whole vectors.
+void gate_row(float* g, const float* u, int64_t C, float inv_norm, float eps, float* tmp) {
+  const int64_t Cp = (C + 7) / 8 * 8;
+  float* x = tmp;
+  float* su = tmp + Cp;
+  std::memcpy(x, g, C * sizeof(float));
+  std::fill(x + C, x + Cp, 0.0f);
+  v8 acc = splat(0.0f);
+  for (int64_t c = 0; c < Cp; c += 8) {
+    const v8 xc = load(x + c) * splat(inv_norm);
+    store(x + c, xc);
+    acc += xc;
+  }
+  const float mean = hsum(acc) / C;
+  std::fill(x + C, x + Cp, mean);  // padding lanes add nothing to the variance
+  acc = splat(0.0f);
+  for (int64_t c = 0; c < Cp; c += 8) {
+    const v8 d = load(x + c) - splat(mean);
+    acc += d * d;
+  }
+  const float rstd = 1.0f / std::sqrt(hsum(acc) / C + eps);
+  std::memcpy(su, u, C * sizeof(float));
+  std::fill(su + C, su + Cp, 0.0f);
+  for (int64_t c = 0; c < Cp; c += 8)
+    store(x + c, silu8(load(su + c)) * ((load(x + c) - splat(mean)) * splat(rstd)));
+  std::memcpy(g, x, C * sizeof(float));
+}
+
+void check_cpu(std::initializer_list<const torch::Tensor*> tensors) {
+  for (const auto* t : tensors) TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
+}
+
+void check_bias(const torch::Tensor& bias, int64_t B, int64_t L) {
+  TORCH_CHECK(bias.dim() == 3 && (bias.size(0) == B || bias.size(0) == 1) && bias.size(1) >= L &&
+              bias.size(2) == bias.size(1) && bias.is_contiguous() && bias.scalar_type() == torch::kFloat32,
+              "bias must be a contiguous float32 (B or 1, L, L) tensor");
 }
 
 }  // namespace
@@ -168,18 +254,14 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, L, H, d)");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
               v.scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
-  for (const auto* t : {&q, &k, &v, &bias, &lengths})
-    TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
+  check_cpu({&q, &k, &v, &bias, &lengths});
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "the last dimension of q, k, v must be contiguous");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), dqk = q.size(3), dv = v.size(3);
   TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == B && v.size(1) == L && v.size(2) == H, "shape mismatch");
   const bool has_bias = bias.numel() > 0;
-  if (has_bias) {
-    TORCH_CHECK(bias.dim() == 3 && (bias.size(0) == B || bias.size(0) == 1) && bias.size(1) == L &&
-                bias.size(2) == L && bias.is_contiguous() && bias.scalar_type() == torch::kFloat32,
-                "bias must be a contiguous float32 (B or 1, L, L) tensor");
-  }
+  if (has_bias) check_bias(bias, B, L);
+  TORCH_CHECK(!has_bias || bias.size(1) == L, "bias must be (B or 1, L, L)");
   auto len = lengths.to(torch::kInt64).contiguous();
   TORCH_CHECK(len.numel() == B, "lengths must have one entry per batch row");
   auto out = torch::empty({B, L, H, dv}, q.options());
@@ -190,23 +272,63 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
   float* op = out.data_ptr<float>();
   const int64_t* lp = len.data_ptr<int64_t>();
   const int64_t bias_rows = has_bias ? bias.size(0) : 0;
-  // Tasks longest first, handed out one at a time: a static split of length-sorted rows (as evaluation
-  // batches come) would give one thread all the long ones.
-  std::vector<int64_t> rows(B);
-  for (int64_t b = 0; b < B; ++b) rows[b] = b;
-  std::stable_sort(rows.begin(), rows.end(), [&](int64_t a, int64_t b) { return lp[a] > lp[b]; });
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), B * H);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buf;
-    for (int64_t task = next++; task < B * H; task = next++) {
-      const int64_t b = rows[task / H], h = task % H;
-      const int64_t n = std::max<int64_t>(0, std::min(lp[b], L));
-      attention_task(qp + b * q.stride(0) + h * q.stride(2), kp + b * k.stride(0) + h * k.stride(2),
-                     vp + b * v.stride(0) + h * v.stride(2),
-                     bp ? bp + (bias_rows > 1 ? b : 0) * L * L : nullptr, op + (b * L * H + h) * dv, n, L, dqk,
-                     dv, q.stride(1), k.stride(1), v.stride(1), L, H * dv, buf);
-    }
+  for_each_row_head(lp, B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
+    const int64_t n = std::max<int64_t>(0, std::min(lp[b], L));
+    attention_task(qp + b * q.stride(0) + h * q.stride(2), kp + b * k.stride(0) + h * k.stride(2),
+                   vp + b * v.stride(0) + h * v.stride(2), bp ? bp + (bias_rows > 1 ? b : 0) * L * L : nullptr,
+                   op + (b * L * H + h) * dv, n, L, dqk, dv, q.stride(1), k.stride(1), v.stride(1), L, H * dv,
+                   false, 1.0f, buf);
+  });
+  return out;
+}
+
+// The middle of an HSTU layer at inference, from the raw projection to the gated, normalised attention:
+//   U, V, Q, K = split(SiLU(uvqk));  O = causal_silu_attention(Q * q_scale, K, V, bias) * inv_norm
+//   returns SiLU(U) * LayerNorm(O)   (no affine), (N, H * dv)
+// uvqk: (N, 2 H dv + 2 H dqk) contiguous float32, columns U | V | Q | K, heads adjacent within each; the
+// tokens of batch row b are rows starts[b] .. starts[b] + lengths[b] (packed tokens, or a (B * L) grid).
+// Rows of no batch row's range come out zero. One pass over the projection instead of the stock path's
+// SiLU, unpack, attention, pack, divide, layer norm and multiply.
+torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torch::Tensor lengths,
+                                  torch::Tensor bias, int64_t H, int64_t dqk, int64_t dv, double q_scale,
+                                  double inv_norm, double eps) {
+  TORCH_CHECK(uvqk.dim() == 2 && uvqk.is_contiguous() && uvqk.scalar_type() == torch::kFloat32,
+              "uvqk must be a contiguous float32 (N, W) tensor");
+  check_cpu({&uvqk, &starts, &lengths, &bias});
+  const int64_t N = uvqk.size(0), W = uvqk.size(1), C = H * dv;
+  TORCH_CHECK(W == 2 * H * dv + 2 * H * dqk, "uvqk has ", W, " columns; expected 2 H dv + 2 H dqk");
+  auto len = lengths.to(torch::kInt64).contiguous();
+  auto st = starts.to(torch::kInt64).contiguous();
+  const int64_t B = len.numel();
+  TORCH_CHECK(st.numel() == B, "starts and lengths must have one entry per batch row");
+  const int64_t* lp = len.data_ptr<int64_t>();
+  const int64_t* sp = st.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 0 && sp[b] >= 0 && sp[b] + lp[b] <= N, "batch row ", b, " runs past the projection");
+    longest = std::max(longest, lp[b]);
+  }
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) check_bias(bias, B, longest);
+  const int64_t bias_L = has_bias ? bias.size(1) : 0, bias_rows = has_bias ? bias.size(0) : 0;
+  auto out = torch::zeros({N, C}, uvqk.options());
+  const float* x = uvqk.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  for_each_row_head(lp, B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
+    const float* row = x + sp[b] * W;
+    attention_task(row + 2 * C + h * dqk, row + 2 * C + H * dqk + h * dqk, row + C + h * dv,
+                   bp ? bp + (bias_rows > 1 ? b : 0) * bias_L * bias_L : nullptr, op + sp[b] * C + h * dv, lp[b],
+                   0, dqk, dv, W, W, W, bias_L, C, true, static_cast<float>(q_scale), buf);
+  });
+  std::vector<int64_t> tokens;  // the real tokens, split evenly between threads
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = sp[b]; t < sp[b] + lp[b]; ++t) tokens.push_back(t);
+  at::parallel_for(0, static_cast<int64_t>(tokens.size()), 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(2 * ((C + 7) / 8 * 8));
+    for (int64_t i = begin; i < end; ++i)
+      gate_row(op + tokens[i] * C, x + tokens[i] * W, C, static_cast<float>(inv_norm), static_cast<float>(eps),
+               tmp.data());
   });
   return out;
 }
@@ -222,6 +344,9 @@ bool built_with_openmp() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // no Python object is touched while it runs: other threads (the HTTP server's event loop) keep going
   m.def("causal_silu_attention", &causal_silu_attention, "causal SiLU attention forward (CPU, float32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("hstu_attention_gate", &hstu_attention_gate,
+        "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
         py::call_guard<py::gil_scoped_release>());
   m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for can use more than one thread");
 }
