@@ -1,0 +1,156 @@
+"""The compiled CPU kernels (genrec/models/kernels) against the stock PyTorch path, call by call.
+
+    python benchmarks/kernels.py                 # HSTU-large shapes, 128 users, 2 threads
+    python benchmarks/kernels.py --eval --write  # also the full-ranking evaluation of ML-1M; into RESULTS.md
+
+Each row times one computation with ``GENREC_KERNELS`` semantics switched in process
+(``kernels.use_kernels``), the two paths alternating ``--repeats`` times on the same inputs (this VM's
+speed drifts by 20-50 % between minutes, so only alternating runs compare), and reports both medians,
+both minima and the ratio of the medians:
+- attention forward: ``causal_silu_attention`` without autograd (the attention kernel vs the stock tiles);
+- HSTU-large layer at inference: ``HSTULayer.forward`` under ``no_grad`` on packed tokens (the fused
+  ``hstu_attention_gate`` vs the stock layer);
+- attention forward + backward: the training path (kernel forward vs the stock tiles' forward; both
+  backwards are the tiles');
+- with ``--eval``: the full-ranking evaluation of the 6,040 ML-1M users by an untrained HSTU-large
+  (model forward included, history excluded; prepared data in data/ml-1m, see throughput.py).
+History lengths are drawn from ML-1M's when data/ml-1m exists (else uniform in [20, 200]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from genrec.models import kernels  # noqa: E402
+from genrec.models.hstu import HSTUConfig, HSTULayer, causal_silu_attention  # noqa: E402
+from genrec.models.layers import Tokens  # noqa: E402
+
+
+def lengths_for(users: int, data: Path, max_len: int, rng: np.random.Generator) -> torch.Tensor:
+    """Longest first, as evaluation batches come."""
+    try:
+        from genrec.data.store import SequenceStore
+
+        counts = np.diff(SequenceStore.load(data).offsets)
+        pool = np.minimum(counts[counts > 0], max_len)
+    except Exception:  # no prepared ML-1M: a plain spread of lengths
+        pool = np.arange(20, max_len + 1)
+    drawn = np.sort(rng.choice(pool, size=users))[::-1].copy()
+    return torch.from_numpy(drawn).long()
+
+
+def alternate(stock, kernel, repeats: int) -> dict:
+    """Seconds per call of each path, alternating; one untimed call of each first."""
+    times = {"stock": [], "kernel": []}
+    for enabled, f in ((False, stock), (True, kernel)):
+        with kernels.use_kernels(enabled):
+            f()
+    for _ in range(repeats):
+        for name, enabled, f in (("stock", False, stock), ("kernel", True, kernel)):
+            with kernels.use_kernels(enabled):
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def row(what: str, times: dict, unit: float = 1e3, suffix: str = "ms") -> str:
+    med = {k: statistics.median(v) * unit for k, v in times.items()}
+    low = {k: min(v) * unit for k, v in times.items()}
+    return (f"| {what} | {med['stock']:.1f} {suffix} ({low['stock']:.1f}) | {med['kernel']:.1f} {suffix} "
+            f"({low['kernel']:.1f}) | {med['stock'] / med['kernel']:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=128, help="histories per batch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10, help="alternating calls of each path per row")
+    ap.add_argument("--data", default=str(HERE.parent / "data" / "ml-1m"), help="prepared ML-1M (lengths, --eval)")
+    ap.add_argument("--eval", action="store_true", help="also time the full-ranking evaluation of ML-1M")
+    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with kernels.use_kernels(True):
+        if kernels.silu_attention() is None:
+            sys.exit(f"the kernel did not build: {kernels._state.get('error')}")
+
+    torch.manual_seed(0)
+    cfg = HSTUConfig(dim=50, num_blocks=8, num_heads=2, qk_dim=25, v_dim=25, max_len=200, relative_bias="position")
+    lengths = lengths_for(args.users, Path(args.data), cfg.max_len, np.random.default_rng(0))
+    B, L, H, d = args.users, int(lengths.max()), cfg.num_heads, cfg.qk_dim
+    proj = torch.randn(B, L, 3 * H * d) * 0.5
+    v, q, k = (t.reshape(B, L, H, d) for t in torch.split(proj, [H * d] * 3, dim=-1))
+    bias = torch.randn(1, L, L) * 0.02
+    lines = [f"HSTU-large shapes: {B} histories per batch (lengths {'from ML-1M' if Path(args.data).exists() else 'uniform'}: "
+             f"mean {lengths.float().mean():.0f}, longest {L}), 2 heads of 25, position bias; {args.threads} "
+             f"thread(s); {args.repeats} alternating calls per path: medians (minima).", "",
+             "| computation | stock path | compiled kernel | speed-up |", "|---|---:|---:|---:|"]
+
+    def attention():
+        with torch.no_grad():
+            causal_silu_attention(q, k, v, bias, lengths)
+    lines.append(row("attention forward (no autograd)", alternate(attention, attention, args.repeats)))
+    print(lines[-1], flush=True)
+
+    layer = HSTULayer(cfg).eval()
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    tokens = Tokens(mask)
+    x = tokens.pack(torch.randn(B, L, cfg.dim))
+
+    def layer_forward():
+        with torch.no_grad():
+            layer(x, tokens, lengths, None)
+    lines.append(row("HSTU layer at inference (packed tokens)", alternate(layer_forward, layer_forward, args.repeats)))
+    print(lines[-1], flush=True)
+
+    grad_proj = proj.clone().requires_grad_(True)
+
+    def train_attention():
+        gv, gq, gk = (t.reshape(B, L, H, d) for t in torch.split(grad_proj, [H * d] * 3, dim=-1))
+        causal_silu_attention(gq, gk, gv, bias, lengths).sum().backward()
+    lines.append(row("attention forward + backward (training)", alternate(train_attention, train_attention,
+                                                                           args.repeats)))
+    print(lines[-1], flush=True)
+
+    if args.eval:
+        from genrec.config import load_config
+        from genrec.eval.ranking import evaluate_model
+        from genrec.losses import Loss
+        from genrec.models import build_model
+        from genrec.train.trainer import item_counts, load_data, seed_everything
+
+        config = load_config(str(HERE.parent / "configs" / "ml-1m" / "hstu-large.toml"), [f'data.path="{args.data}"'])
+        seed_everything(0)
+        store, split = load_data(config)
+        model = build_model(config.model, store.num_items).eval()
+        scorer = Loss(config.loss, store.num_items, item_counts(store, split)).scorer
+
+        def evaluate():
+            evaluate_model(model, scorer, store, split.valid, "valid", split.description, config.data.max_len,
+                           config.eval.ks, config.eval.batch_size, config.eval.item_chunk, config.eval.exclude_history)
+        lines.append(row("full-ranking evaluation of ML-1M, HSTU-large (6,040 users)",
+                         alternate(evaluate, evaluate, max(1, args.repeats // 5)), unit=1.0, suffix="s"))
+        print(lines[-1], flush=True)
+
+    lines += ["", f"Command: `python benchmarks/kernels.py{' --eval' if args.eval else ''} --repeats {args.repeats}`"]
+    print("\n".join(lines))
+    if args.write:
+        from results_file import write_section
+
+        write_section("kernels", "Compiled CPU kernels against the stock path (`python benchmarks/kernels.py`)",
+                      "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
