@@ -39,7 +39,7 @@ def _reference(q, k, v, bias, lengths):
 
 
 @needs_compiler
-@pytest.mark.parametrize("dqk,dv", [(4, 5), (25, 25), (8, 16), (3, 33)])
+@pytest.mark.parametrize("dqk,dv", [(4, 5), (25, 25), (8, 16), (3, 33), (9, 70)])
 @pytest.mark.parametrize("L", [1, 15, 16, 17, 70])
 @pytest.mark.parametrize("bias_rows", [0, 1, 3])
 def test_kernel_equals_reference(dqk, dv, L, bias_rows):
@@ -78,14 +78,24 @@ def test_kernel_edge_lengths_and_extreme_scores():
 
 @needs_compiler
 def test_kernel_silu_far_below_exp_range_and_nan():
-    """Scores of -1e38 weigh exactly 0 (not x / 1.6e38); a NaN score gives NaN, as torch's SiLU does."""
+    """Scores of -1e38 weigh about 0 (not x / 1.6e38 = -0.6); a NaN score gives NaN, as torch's SiLU does."""
     q = torch.tensor([1e19, 1e19, float("nan")]).view(1, 3, 1, 1)
     k = torch.tensor([-1e19, 1.0, 1.0]).view(1, 3, 1, 1)
     v = torch.ones(1, 3, 1, 1)
     got = _built().causal_silu_attention(q, k, v, torch.empty(0), torch.tensor([3]))[0, :, 0, 0]
-    assert got[0] == 0  # SiLU(-1e38) -> 0
+    assert abs(got[0]) < 1e-30  # SiLU(-1e38) -> 0
     assert got[1] == F.silu(torch.tensor(1e19))  # SiLU(-1e38) + SiLU(1e19) = 1e19
     assert got[2].isnan()
+
+
+@needs_compiler
+def test_kernel_silu_matches_torch_over_its_range():
+    """One key per row: the output is SiLU(score) itself, against torch's for scores across exp's range."""
+    x = torch.cat([torch.linspace(-100, 100, 20_001), torch.tensor([0.0, 1e-8, -1e-8, 87.5, -87.5, 88.5, -88.5])])
+    q, ones = x.view(-1, 1, 1, 1), torch.ones(len(x), 1, 1, 1)
+    got = _built().causal_silu_attention(q, ones, ones, torch.empty(0), torch.ones(len(x), dtype=torch.long))
+    want = F.silu(x.double())
+    torch.testing.assert_close(got.flatten().double(), want, rtol=4e-7, atol=1e-30)
 
 
 @needs_compiler
@@ -130,12 +140,14 @@ def test_forward_mode_autodiff_keeps_its_tangent():
     ({"attn_scale": True, "attn_norm": "batch_max", "relative_bias": "none"}, [40, 3, 17, 1], True),
     ({"attn_norm": "visible"}, [40, 3, 17, 1], False),  # per-query normaliser: attention kernel only
     ({"ln_affine": True}, [40, 3, 17, 1], False),
+    ({"v_dim": 40}, [40, 3, 17, 1], True),  # 2 heads x 40 = 80 gated values per token: the any-width norm
 ])
 def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, monkeypatch):
     """HSTU's forward and next-item queries (inference) are the same with the kernels and the stock path,
     and the kernels actually ran: the fused layer where its options allow, the attention kernel otherwise."""
     torch.manual_seed(0)
-    model = HSTU(HSTUConfig(dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_len=40, **variant), 50).eval()
+    options = {"dim": 16, "num_blocks": 3, "num_heads": 2, "qk_dim": 8, "v_dim": 8, "max_len": 40, **variant}
+    model = HSTU(HSTUConfig(**options), 50).eval()
     lengths = torch.tensor(lengths)
     items = torch.randint(1, 51, (4, 40)) * (torch.arange(40)[None] < lengths[:, None])
     times = torch.cumsum(torch.randint(1, 10_000, (4, 40)), 1)
@@ -158,7 +170,8 @@ def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, mo
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # every layer of forward, all but the last of next_item_queries; twice
-    assert calls == ["hstu_attention_gate" if fused else "causal_silu_attention"] * (2 * (3 + 2))
+    per_layer = ["layer_norm", "hstu_attention_gate"] if fused else ["causal_silu_attention"]
+    assert calls == per_layer * (2 * (3 + 2))
 
 
 @needs_compiler
@@ -217,6 +230,14 @@ def test_modes_and_build_failure(monkeypatch):
     q = torch.randn(2, 5, 1, 3)
     want, _ = _reference(q, q, q, None, torch.tensor([5, 5]))
     torch.testing.assert_close(causal_silu_attention(q, q, q, None).double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("C", [1, 5, 8, 50, 64, 65, 130])  # in registers up to 64, through memory above
+def test_layer_norm_equals_torch(C):
+    x = torch.randn(37, C) * 3 + 1
+    got = _built().layer_norm(x, 1e-6)
+    torch.testing.assert_close(got, F.layer_norm(x, (C,), eps=1e-6), atol=1e-5, rtol=1e-5)
 
 
 @needs_compiler

@@ -374,8 +374,9 @@ class HSTULayer(nn.Module):
         cfg = self.cfg
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
-        uvqk = self.in_norm(x) @ self.uvqk  # (N, 2*H*dv + 2*H*dqk)
-        if (kernel := self._fused_kernel(uvqk)) is not None:  # inference: SiLU -> attention -> gate in one pass
+        kernel = self._fused_kernel(x)  # inference, reference options: compiled norm, then SiLU -> attention -> gate
+        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
+        if kernel is not None:
             bias = self.rab(L, buckets) if self.rab is not None else None
             norm = self.normaliser(L, lengths, x.device)
             gated = kernel.hstu_attention_gate(
@@ -397,14 +398,14 @@ class HSTULayer(nn.Module):
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
         return self.output(u, o, x)
 
-    def _fused_kernel(self, uvqk: torch.Tensor):
-        """The compiled extension when it can run the middle of this layer (``hstu_attention_gate``): no
-        autograd, the reference layer's options (SiLU on U, V, Q, K; output U * LN(O) without affine; one
-        normaliser per batch), plain CPU float32; else None."""
+    def _fused_kernel(self, x: torch.Tensor):
+        """The compiled extension when it can run this layer's input norm (``layer_norm``) and middle
+        (``hstu_attention_gate``): no autograd, the reference layer's options (SiLU on U, V, Q, K; norms
+        without affine; output U * LN(O); one normaliser per batch), plain CPU float32; else None."""
         cfg = self.cfg
         if (torch.is_grad_enabled() or is_static() or cfg.silu != "uvqk" or cfg.output != "u_ln_o"
-                or cfg.ln_affine or cfg.attn_norm == "visible" or not uvqk.is_contiguous()
-                or not kernels.applies(uvqk)):
+                or cfg.ln_affine or cfg.attn_norm == "visible" or not x.is_contiguous()
+                or not kernels.applies(x)):
             return None
         return kernels.silu_attention()
 

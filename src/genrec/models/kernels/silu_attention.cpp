@@ -31,19 +31,32 @@ inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 inline v8 load(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
-// exp(x) to about 2 ulp on [-87, 88] (Cody-Waite range reduction, degree-6 polynomial; the Cephes
-// coefficients), saturating outside it.
+inline float hsum(v8 v) {
+  float r = 0.0f;
+  for (int i = 0; i < 8; ++i) r += v[i];
+  return r;
+}
+
+// max and min with x86's maxps/minps semantics (the second operand when either is NaN); GCC and Clang
+// compile these patterns to the single instructions.
+inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+inline v8 vmin(v8 a, v8 b) { return a < b ? a : b; }
+
+inline v8 vfloor(v8 x) {
+#if defined(__AVX__)
+  return (v8)_mm256_floor_ps((__m256)x);
+#else
+  const v8 t = __builtin_convertvector(__builtin_convertvector(x, v8i), v8);  // truncated toward zero
+  return t > x ? t - splat(1.0f) : t;
+#endif
+}
+
+// exp(x) to about 2 ulp for x in [-87, 88] (the caller clamps): Cody-Waite range reduction and a degree-6
+// polynomial (the Cephes coefficients).
 inline v8 exp8(v8 x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  v8 fx = x * splat(1.44269504088896341f) + splat(0.5f);
-  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero
-  v8 fn = __builtin_convertvector(n, v8);
-  v8i over = fn > fx;  // -1 where truncation rounded up (negative fx): floor instead
-  n = n + over;
-  fn = __builtin_convertvector(n, v8);
+  const v8 fn = vfloor(x * splat(1.44269504088896341f) + splat(0.5f));
   x = x - fn * splat(0.693359375f) + fn * splat(2.12194440e-4f);
-  v8 z = x * x;
+  const v8 z = x * x;
   v8 y = splat(1.9875691500e-4f);
   y = y * x + splat(1.3981999507e-3f);
   y = y * x + splat(8.3334519073e-3f);
@@ -51,25 +64,25 @@ inline v8 exp8(v8 x) {
   y = y * x + splat(1.6666665459e-1f);
   y = y * x + splat(5.0000001201e-1f);
   y = y * z + x + splat(1.0f);
-  v8i bits = (n + 127) << 23;
+  const v8i bits = (__builtin_convertvector(fn, v8i) + 127) << 23;
   v8 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
 
-// SiLU(x) = x / (1 + exp(-x)); exactly 0 below -88 (where exp(-x) would saturate at the clamp and leave
-// x / 1.6e38 instead of ~0), NaN stays NaN (and never reaches exp8's float-to-int conversion).
+// SiLU(x) = x / (1 + exp(-x)). exp's argument is clamped to [-87, 88] (a NaN becomes -87, so nothing
+// undefined reaches the float-to-int conversion); x itself is floored at -88, so below that the result
+// is -88 / 1.6e38 (about -5e-37) instead of x / 1.6e38; a NaN x stays NaN.
 inline v8 silu8(v8 x) {
-  const v8i number = x == x;
-  const v8 safe = number ? x : splat(0.0f);
-  const v8 y = safe / (splat(1.0f) + exp8(-safe));
-  return number ? (safe < splat(-88.0f) ? splat(0.0f) : y) : x;
+  const v8 e = exp8(vmin(vmax(-x, splat(-87.0f)), splat(88.0f)));
+  return vmax(splat(-88.0f), x) / (splat(1.0f) + e);
 }
 
-// acc (QB rows, stride dvp) += w (QB, KB)[:, :jn] @ vrows (jn rows, stride dvp), NV vectors of columns: three
-// rows at a time, so 3 x NV accumulators and the NV value vectors of one key stay in registers.
+// acc (QB rows, stride dvp) += w (QB, KB)[:, :jn] @ vrows (jn rows, stride vstride), NV vectors of columns:
+// three rows at a time, so 3 x NV accumulators and the NV value vectors of one key stay in registers.
 template <int NV>
-inline void weighted_values(const float* w, const float* vrows, float* acc, int64_t jn, int64_t dvp) {
+inline void weighted_values(const float* w, const float* vrows, float* acc, int64_t jn, int64_t vstride,
+                            int64_t dvp) {
   static_assert(QB % 3 == 0, "rows go three at a time");
   for (int r0 = 0; r0 < QB; r0 += 3) {
     v8 o[3][NV];
@@ -77,7 +90,7 @@ inline void weighted_values(const float* w, const float* vrows, float* acc, int6
       for (int c = 0; c < NV; ++c) o[r][c] = load(acc + (r0 + r) * dvp + c * 8);
     for (int64_t jj = 0; jj < jn; ++jj) {
       v8 vj[NV];
-      for (int c = 0; c < NV; ++c) vj[c] = load(vrows + jj * dvp + c * 8);
+      for (int c = 0; c < NV; ++c) vj[c] = load(vrows + jj * vstride + c * 8);
       for (int r = 0; r < 3; ++r) {
         const v8 wr = splat(w[(r0 + r) * KB + jj]);
         for (int c = 0; c < NV; ++c) o[r][c] += wr * vj[c];
@@ -108,25 +121,32 @@ void attention_task(const float* q, const float* k, const float* v, const float*
                     int64_t n, int64_t zero_rows, int64_t dqk, int64_t dv, int64_t q_stride, int64_t k_stride,
                     int64_t v_stride, int64_t bias_stride, int64_t out_stride, bool silu_inputs, float q_scale,
                     std::vector<float>& buf) {
+  // Value columns: the first dvf (whole vectors) go through weighted_values with keys along the rows; the
+  // last dt = dv - dvf (fewer than 8, e.g. 1 of dv = 25) are kept transposed, keys along the lanes, and
+  // accumulated from the weights while they are still in registers (padding them to a vector would cost
+  // a quarter more work for dv = 25).
   const int64_t Lp = (n + KB - 1) / KB * KB;
-  const int64_t dvp = (dv + 7) / 8 * 8;
-  const int64_t nv = dvp / 8;
-  buf.assign(n * dqk + dqk * Lp + Lp * dvp + QB * Lp + QB * KB + QB * dvp, 0.0f);
+  const int64_t dvf = dv / 8 * 8, dt = dv - dvf, dvp = dvf + 8;
+  const int64_t nv = dvf / 8;
+  buf.assign(n * dqk + dqk * Lp + Lp * dvf + dt * Lp + QB * Lp + QB * KB + QB * dvp + QB * dt * 8, 0.0f);
   float* qp = buf.data();          // (n, dqk): queries
   float* kt = qp + n * dqk;        // (dqk, Lp): keys transposed
-  float* vp = kt + dqk * Lp;       // (Lp, dvp): values, padded
-  float* brow = vp + Lp * dvp;     // (QB, Lp): this block's bias rows
+  float* vp = kt + dqk * Lp;       // (Lp, dvf): values, whole vectors
+  float* vt = vp + Lp * dvf;       // (dt, Lp): the last values, transposed
+  float* brow = vt + dt * Lp;      // (QB, Lp): this block's bias rows
   float* w = brow + QB * Lp;       // (QB, KB): SiLU weights of one register block
   float* acc_o = w + QB * KB;      // (QB, dvp): output rows
+  float* acc_t = acc_o + QB * dvp; // (QB, dt, 8): lane-wise sums for the last value columns
   for (int64_t j = 0; j < n; ++j) {
     std::memcpy(qp + j * dqk, q + j * q_stride, dqk * sizeof(float));
     for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
-    std::memcpy(vp + j * dvp, v + j * v_stride, dv * sizeof(float));
+    std::memcpy(vp + j * dvf, v + j * v_stride, dvf * sizeof(float));
+    for (int64_t c = 0; c < dt; ++c) vt[c * Lp + j] = v[j * v_stride + dvf + c];
   }
-  if (silu_inputs) {  // the padding of kt and vp is zero and SiLU(0) = 0
+  if (silu_inputs) {  // the padding of kt, vp and vt is zero and SiLU(0) = 0
     silu_inplace(qp, n * dqk);
     silu_inplace(kt, dqk * Lp);
-    silu_inplace(vp, Lp * dvp);
+    silu_inplace(vp, Lp * dvf + dt * Lp);
   }
   if (q_scale != 1.0f)
     for (int64_t i = 0; i < n * dqk; ++i) qp[i] *= q_scale;
@@ -143,7 +163,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
         std::fill(brow + r * Lp + keys, brow + r * Lp + Lp, 0.0f);
       }
     }
-    std::fill(acc_o, acc_o + QB * dvp, 0.0f);
+    std::fill(acc_o, acc_o + QB * dvp + QB * dt * 8, 0.0f);  // and acc_t
     for (int64_t j0 = 0; j0 < keys; j0 += KB) {
       v8 s[QB][2];
       for (int r = 0; r < QB; ++r) {
@@ -168,17 +188,23 @@ void attention_task(const float* q, const float* k, const float* v, const float*
         }
         store(w + r * KB, w0);
         store(w + r * KB + 8, w1);
+        for (int64_t c = 0; c < dt; ++c) {
+          float* a = acc_t + (r * dt + c) * 8;
+          store(a, load(a) + w0 * load(vt + c * Lp + j0) + w1 * load(vt + c * Lp + j0 + 8));
+        }
       }
       const int64_t jn = std::min<int64_t>(KB, keys - j0);
       for (int64_t c0 = 0; c0 < nv; c0 += 4) {  // output columns 32 at a time
         switch (std::min<int64_t>(4, nv - c0)) {
-          case 1: weighted_values<1>(w, vp + j0 * dvp + c0 * 8, acc_o + c0 * 8, jn, dvp); break;
-          case 2: weighted_values<2>(w, vp + j0 * dvp + c0 * 8, acc_o + c0 * 8, jn, dvp); break;
-          case 3: weighted_values<3>(w, vp + j0 * dvp + c0 * 8, acc_o + c0 * 8, jn, dvp); break;
-          default: weighted_values<4>(w, vp + j0 * dvp + c0 * 8, acc_o + c0 * 8, jn, dvp); break;
+          case 1: weighted_values<1>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
+          case 2: weighted_values<2>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
+          case 3: weighted_values<3>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
+          default: weighted_values<4>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
         }
       }
     }
+    for (int r = 0; r < QB; ++r)
+      for (int64_t c = 0; c < dt; ++c) acc_o[r * dvp + dvf + c] = hsum(load(acc_t + (r * dt + c) * 8));
     for (int r = 0; r < QB && i0 + r < n; ++r)
       std::memcpy(out + (i0 + r) * out_stride, acc_o + r * dvp, dv * sizeof(float));
   }
@@ -200,39 +226,110 @@ void for_each_row_head(const int64_t* lengths, int64_t B, int64_t H, Task&& task
   });
 }
 
-inline float hsum(v8 v) {
-  float r = 0.0f;
-  for (int i = 0; i < 8; ++i) r += v[i];
-  return r;
+
+// C <= 8 NV values of a row into registers (zero beyond C), and back.
+template <int NV>
+inline void load_row(const float* p, int64_t C, v8 (&x)[NV]) {
+  for (int c = 0; c < NV; ++c) {
+    const int64_t left = C - 8 * c;
+    if (left >= 8) {
+      x[c] = load(p + 8 * c);
+    } else {
+      float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(t, p + 8 * c, left * sizeof(float));
+      x[c] = load(t);
+    }
+  }
 }
 
-// g[t] <- SiLU(u[t]) * LayerNorm(g[t] * inv_norm) for one token: C values, no affine, biased variance
-// (two passes, as torch's). tmp holds 2 * Cp floats, Cp = C rounded up to whole vectors.
-void gate_row(float* g, const float* u, int64_t C, float inv_norm, float eps, float* tmp) {
+template <int NV>
+inline void store_row(float* p, int64_t C, const v8 (&x)[NV]) {
+  for (int c = 0; c < NV; ++c) {
+    const int64_t left = C - 8 * c;
+    if (left >= 8) {
+      store(p + 8 * c, x[c]);
+    } else {
+      float t[8];
+      store(t, x[c]);
+      std::memcpy(p + 8 * c, t, left * sizeof(float));
+    }
+  }
+}
+
+// y <- LayerNorm(x * scale), no affine, biased variance (two passes, as torch's), then times SiLU(u) when u
+// is given; C <= 8 NV values held in registers (y may be x).
+template <int NV>
+void norm_row(const float* x, const float* u, float* y, int64_t C, float scale, float eps) {
+  v8 r[NV];
+  load_row(x, C, r);
+  v8 acc = splat(0.0f);
+  for (int c = 0; c < NV; ++c) {
+    r[c] = r[c] * splat(scale);
+    acc += r[c];
+  }
+  const float mean = hsum(acc) / C;
+  const v8 lane = v8{0, 1, 2, 3, 4, 5, 6, 7};
+  acc = splat(0.0f);
+  for (int c = 0; c < NV; ++c) {
+    v8 d = r[c] - splat(mean);
+    if (8 * c + 8 > C) d = lane < splat(static_cast<float>(C - 8 * c)) ? d : splat(0.0f);
+    r[c] = d;
+    acc += d * d;
+  }
+  const v8 rstd = splat(1.0f / std::sqrt(hsum(acc) / C + eps));
+  if (u) {
+    v8 g[NV];
+    load_row(u, C, g);
+    for (int c = 0; c < NV; ++c) r[c] = silu8(g[c]) * (r[c] * rstd);
+  } else {
+    for (int c = 0; c < NV; ++c) r[c] = r[c] * rstd;
+  }
+  store_row(y, C, r);
+}
+
+// The same for any C: values through tmp (2 * Cp floats, Cp = C rounded up to whole vectors).
+void norm_row_any(const float* x, const float* u, float* y, int64_t C, float scale, float eps, float* tmp) {
   const int64_t Cp = (C + 7) / 8 * 8;
-  float* x = tmp;
-  float* su = tmp + Cp;
-  std::memcpy(x, g, C * sizeof(float));
-  std::fill(x + C, x + Cp, 0.0f);
+  float* r = tmp;
+  float* g = tmp + Cp;
+  std::memcpy(r, x, C * sizeof(float));
+  std::fill(r + C, r + Cp, 0.0f);
   v8 acc = splat(0.0f);
   for (int64_t c = 0; c < Cp; c += 8) {
-    const v8 xc = load(x + c) * splat(inv_norm);
-    store(x + c, xc);
+    const v8 xc = load(r + c) * splat(scale);
+    store(r + c, xc);
     acc += xc;
   }
   const float mean = hsum(acc) / C;
-  std::fill(x + C, x + Cp, mean);  // padding lanes add nothing to the variance
+  std::fill(r + C, r + Cp, mean);  // padding lanes add nothing to the variance
   acc = splat(0.0f);
   for (int64_t c = 0; c < Cp; c += 8) {
-    const v8 d = load(x + c) - splat(mean);
+    const v8 d = load(r + c) - splat(mean);
     acc += d * d;
   }
-  const float rstd = 1.0f / std::sqrt(hsum(acc) / C + eps);
-  std::memcpy(su, u, C * sizeof(float));
-  std::fill(su + C, su + Cp, 0.0f);
-  for (int64_t c = 0; c < Cp; c += 8)
-    store(x + c, silu8(load(su + c)) * ((load(x + c) - splat(mean)) * splat(rstd)));
-  std::memcpy(g, x, C * sizeof(float));
+  const v8 rstd = splat(1.0f / std::sqrt(hsum(acc) / C + eps));
+  if (u) {
+    std::memcpy(g, u, C * sizeof(float));
+    std::fill(g + C, g + Cp, 0.0f);
+    for (int64_t c = 0; c < Cp; c += 8) store(r + c, silu8(load(g + c)) * ((load(r + c) - splat(mean)) * rstd));
+  } else {
+    for (int64_t c = 0; c < Cp; c += 8) store(r + c, (load(r + c) - splat(mean)) * rstd);
+  }
+  std::memcpy(y, r, C * sizeof(float));
+}
+
+void norm_row_dispatch(const float* x, const float* u, float* y, int64_t C, float scale, float eps, float* tmp) {
+  switch ((C + 7) / 8) {
+    case 1: norm_row<1>(x, u, y, C, scale, eps); break;
+    case 2: norm_row<2>(x, u, y, C, scale, eps); break;
+    case 3: norm_row<3>(x, u, y, C, scale, eps); break;
+    case 4: norm_row<4>(x, u, y, C, scale, eps); break;
+    case 5: norm_row<5>(x, u, y, C, scale, eps); break;
+    case 6: norm_row<6>(x, u, y, C, scale, eps); break;
+    case 7: norm_row<7>(x, u, y, C, scale, eps); break;
+    case 8: norm_row<8>(x, u, y, C, scale, eps); break;
+    default: norm_row_any(x, u, y, C, scale, eps, tmp); break;
+  }
 }
 
 void check_cpu(std::initializer_list<const torch::Tensor*> tensors) {
@@ -327,8 +424,26 @@ torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torc
   at::parallel_for(0, static_cast<int64_t>(tokens.size()), 256, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(2 * ((C + 7) / 8 * 8));
     for (int64_t i = begin; i < end; ++i)
-      gate_row(op + tokens[i] * C, x + tokens[i] * W, C, static_cast<float>(inv_norm), static_cast<float>(eps),
-               tmp.data());
+      norm_row_dispatch(op + tokens[i] * C, x + tokens[i] * W, op + tokens[i] * C, C, static_cast<float>(inv_norm),
+                        static_cast<float>(eps), tmp.data());
+  });
+  return out;
+}
+
+// LayerNorm over the last dimension without affine parameters (HSTU's input norm), (N, C) contiguous float32.
+torch::Tensor layer_norm(torch::Tensor x, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
+              "layer_norm takes a contiguous float32 (N, C) tensor");
+  check_cpu({&x});
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(C > 0, "layer_norm needs at least one column");
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(2 * ((C + 7) / 8 * 8));
+    for (int64_t i = begin; i < end; ++i)
+      norm_row_dispatch(xp + i * C, nullptr, op + i * C, C, 1.0f, static_cast<float>(eps), tmp.data());
   });
   return out;
 }
@@ -347,6 +462,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("hstu_attention_gate", &hstu_attention_gate,
         "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm", &layer_norm, "LayerNorm without affine over the last dimension (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
   m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for can use more than one thread");
 }
