@@ -417,7 +417,8 @@ class HSTULayer(nn.Module):
         cfg = self.cfg
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
-        uvqk = self.in_norm(x) @ self.uvqk  # (N, W)
+        kernel = self._fused_kernel(x)
+        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         last = tokens.last_index(lengths)  # (B,) token index of each row's last event
