@@ -169,9 +169,9 @@ def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, mo
             got = (model(batch), model.next_item_queries(batch))
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    # every layer of forward, all but the last of next_item_queries (whose one-query layer uses the norm only)
+    # every layer of forward and of next_item_queries (whose last layer has one query per row, fused only)
     per_layer = ["layer_norm", "hstu_attention_gate"] if fused else ["causal_silu_attention"]
-    assert calls == (per_layer * 3 + per_layer * 2 + per_layer[:1] * fused) * 2
+    assert calls == (per_layer * 3 + per_layer * 2 + per_layer * fused) * 2
 
 
 @needs_compiler
@@ -246,11 +246,18 @@ def test_fused_layer_checks_its_inputs():
     uvqk = torch.randn(10, 2 * 2 * 3 + 2 * 2 * 4)  # H = 2, dv = 3, dqk = 4
     none = torch.empty(0)
     with pytest.raises(RuntimeError, match="uvqk has 28 columns; expected 2 H dv \\+ 2 H dqk"):
-        kernel.hstu_attention_gate(uvqk, torch.tensor([0]), torch.tensor([5]), none, 2, 4, 4, 1.0, 1.0, 1e-6)
+        kernel.hstu_attention_gate(uvqk, torch.tensor([0]), torch.tensor([5]), none, 2, 4, 4, 1.0, 1.0, 1e-6, False)
     with pytest.raises(RuntimeError, match="batch row 1 runs past the projection"):
-        kernel.hstu_attention_gate(uvqk, torch.tensor([0, 6]), torch.tensor([5, 5]), none, 2, 4, 3, 1.0, 1.0, 1e-6)
+        kernel.hstu_attention_gate(uvqk, torch.tensor([0, 6]), torch.tensor([5, 5]), none, 2, 4, 3, 1.0, 1.0, 1e-6, False)
     with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
         kernel.hstu_attention_gate(uvqk, torch.tensor([0]), torch.tensor([5]), torch.zeros(1, 4, 4), 2, 4, 3,
-                                   1.0, 1.0, 1e-6)
-    out = kernel.hstu_attention_gate(uvqk, torch.tensor([2]), torch.tensor([5]), none, 2, 4, 3, 1.0, 1.0, 1e-6)
+                                   1.0, 1.0, 1e-6, False)
+    out = kernel.hstu_attention_gate(uvqk, torch.tensor([2]), torch.tensor([5]), none, 2, 4, 3, 1.0, 1.0, 1e-6, False)
     assert out[:2].abs().max() == 0 and out[7:].abs().max() == 0 and out[2:7].abs().max() > 0  # other rows zero
+    # last_only: one row per batch row, equal to the full result at its last token; empty rows zero
+    last = kernel.hstu_attention_gate(uvqk, torch.tensor([2, 0, 7]), torch.tensor([5, 0, 3]), none, 2, 4, 3,
+                                      1.0, 1.0, 1e-6, True)
+    full = kernel.hstu_attention_gate(uvqk, torch.tensor([2, 0, 7]), torch.tensor([5, 0, 3]), none, 2, 4, 3,
+                                      1.0, 1.0, 1e-6, False)
+    assert last.shape == (3, 6) and last[1].abs().max() == 0
+    torch.testing.assert_close(last[[0, 2]], full[[6, 9]])

@@ -381,7 +381,7 @@ class HSTULayer(nn.Module):
             norm = self.normaliser(L, lengths, x.device)
             gated = kernel.hstu_attention_gate(
                 uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
-                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0, 1.0 / float(norm), cfg.ln_eps)
+                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0, 1.0 / float(norm), cfg.ln_eps, False)
             return self.out(self.dropout(gated)) + x
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
@@ -419,9 +419,16 @@ class HSTULayer(nn.Module):
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         kernel = self._fused_kernel(x)
         uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
+        last = tokens.last_index(lengths)  # (B,) token index of each row's last event
+        if kernel is not None:  # the fused middle with one query per row
+            bias = self.rab(L, buckets) if self.rab is not None else None
+            gated = kernel.hstu_attention_gate(
+                uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
+                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0,
+                1.0 / float(self.normaliser(L, lengths, x.device)), cfg.ln_eps, True)  # (B, H*dv)
+            return self.out(self.dropout(gated)) + x[last]
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
-        last = tokens.last_index(lengths)  # (B,) token index of each row's last event
         u, q = uvqk[last, :H * dv], uvqk[last, 2 * H * dv:2 * H * dv + H * dqk]  # (B, H*dv), (B, H*dqk)
         if cfg.silu == "u":
             u = F.silu(u)

@@ -116,11 +116,12 @@ void silu_inplace(float* p, int64_t count) {
 // One (batch row, head): n real positions. q, k, v, out point at position 0 of this head; strides are per
 // position. bias at (b or 0, 0, 0) or null. With ``silu_inputs`` q, k and v are the raw projection and
 // SiLU is applied here, to the packed copies (each element once); q is then multiplied by q_scale.
-// Output rows [n, zero_rows) are zero-filled (the padding of a (B, L) layout).
+// Only queries [first, n) are computed; query i is written to output row i - first. Output rows
+// [n, zero_rows) are zero-filled (the padding of a (B, L) layout).
 void attention_task(const float* q, const float* k, const float* v, const float* bias, float* out,
                     int64_t n, int64_t zero_rows, int64_t dqk, int64_t dv, int64_t q_stride, int64_t k_stride,
                     int64_t v_stride, int64_t bias_stride, int64_t out_stride, bool silu_inputs, float q_scale,
-                    std::vector<float>& buf) {
+                    int64_t first, std::vector<float>& buf) {
   // Value columns: the first dvf (whole vectors) go through weighted_values with keys along the rows; the
   // last dt = dv - dvf (fewer than 8, e.g. 1 of dv = 25) are kept transposed, keys along the lanes, and
   // accumulated from the weights while they are still in registers (padding them to a vector would cost
@@ -152,7 +153,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     for (int64_t i = 0; i < n * dqk; ++i) qp[i] *= q_scale;
   const v8 lane_lo = v8{0, 1, 2, 3, 4, 5, 6, 7};
   const v8 lane_hi = lane_lo + splat(8.0f);
-  for (int64_t i0 = 0; i0 < n; i0 += QB) {
+  for (int64_t i0 = first; i0 < n; i0 += QB) {
     const int64_t keys = std::min(i0 + QB, n);  // keys [0, keys) are visible to some query of the block
     const float* qr[QB];
     for (int r = 0; r < QB; ++r) {
@@ -206,7 +207,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     for (int r = 0; r < QB; ++r)
       for (int64_t c = 0; c < dt; ++c) acc_o[r * dvp + dvf + c] = hsum(load(acc_t + (r * dt + c) * 8));
     for (int r = 0; r < QB && i0 + r < n; ++r)
-      std::memcpy(out + (i0 + r) * out_stride, acc_o + r * dvp, dv * sizeof(float));
+      std::memcpy(out + (i0 + r - first) * out_stride, acc_o + r * dvp, dv * sizeof(float));
   }
   for (int64_t i = n; i < zero_rows; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
 }
@@ -374,7 +375,7 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
     attention_task(qp + b * q.stride(0) + h * q.stride(2), kp + b * k.stride(0) + h * k.stride(2),
                    vp + b * v.stride(0) + h * v.stride(2), bp ? bp + (bias_rows > 1 ? b : 0) * L * L : nullptr,
                    op + (b * L * H + h) * dv, n, L, dqk, dv, q.stride(1), k.stride(1), v.stride(1), L, H * dv,
-                   false, 1.0f, buf);
+                   false, 1.0f, 0, buf);
   });
   return out;
 }
@@ -385,10 +386,11 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
 // uvqk: (N, 2 H dv + 2 H dqk) contiguous float32, columns U | V | Q | K, heads adjacent within each; the
 // tokens of batch row b are rows starts[b] .. starts[b] + lengths[b] (packed tokens, or a (B * L) grid).
 // Rows of no batch row's range come out zero. One pass over the projection instead of the stock path's
-// SiLU, unpack, attention, pack, divide, layer norm and multiply.
+// SiLU, unpack, attention, pack, divide, layer norm and multiply. With ``last_only`` only each batch row's
+// last token is a query (next-item prediction's final layer): the result is (B, H * dv), zero for empty rows.
 torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torch::Tensor lengths,
                                   torch::Tensor bias, int64_t H, int64_t dqk, int64_t dv, double q_scale,
-                                  double inv_norm, double eps) {
+                                  double inv_norm, double eps, bool last_only) {
   TORCH_CHECK(uvqk.dim() == 2 && uvqk.is_contiguous() && uvqk.scalar_type() == torch::kFloat32,
               "uvqk must be a contiguous float32 (N, W) tensor");
   check_cpu({&uvqk, &starts, &lengths, &bias});
@@ -408,23 +410,32 @@ torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torc
   const bool has_bias = bias.numel() > 0;
   if (has_bias) check_bias(bias, B, longest);
   const int64_t bias_L = has_bias ? bias.size(1) : 0, bias_rows = has_bias ? bias.size(0) : 0;
-  auto out = torch::zeros({N, C}, uvqk.options());
+  auto out = torch::zeros({last_only ? B : N, C}, uvqk.options());
   const float* x = uvqk.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   for_each_row_head(lp, B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
     const float* row = x + sp[b] * W;
     attention_task(row + 2 * C + h * dqk, row + 2 * C + H * dqk + h * dqk, row + C + h * dv,
-                   bp ? bp + (bias_rows > 1 ? b : 0) * bias_L * bias_L : nullptr, op + sp[b] * C + h * dv, lp[b],
-                   0, dqk, dv, W, W, W, bias_L, C, true, static_cast<float>(q_scale), buf);
+                   bp ? bp + (bias_rows > 1 ? b : 0) * bias_L * bias_L : nullptr,
+                   op + (last_only ? b : sp[b]) * C + h * dv, lp[b], 0, dqk, dv, W, W, W, bias_L, C, true,
+                   static_cast<float>(q_scale), last_only ? std::max<int64_t>(lp[b] - 1, 0) : 0, buf);
   });
-  std::vector<int64_t> tokens;  // the real tokens, split evenly between threads
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = sp[b]; t < sp[b] + lp[b]; ++t) tokens.push_back(t);
+  std::vector<int64_t> tokens, rows;  // the query tokens and their output rows, split evenly between threads
+  for (int64_t b = 0; b < B; ++b) {
+    if (last_only && lp[b] > 0) {
+      tokens.push_back(sp[b] + lp[b] - 1);
+      rows.push_back(b);
+    }
+    for (int64_t t = sp[b]; !last_only && t < sp[b] + lp[b]; ++t) {
+      tokens.push_back(t);
+      rows.push_back(t);
+    }
+  }
   at::parallel_for(0, static_cast<int64_t>(tokens.size()), 256, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(2 * ((C + 7) / 8 * 8));
     for (int64_t i = begin; i < end; ++i)
-      norm_row_dispatch(op + tokens[i] * C, x + tokens[i] * W, op + tokens[i] * C, C, static_cast<float>(inv_norm),
+      norm_row_dispatch(op + rows[i] * C, x + tokens[i] * W, op + rows[i] * C, C, static_cast<float>(inv_norm),
                         static_cast<float>(eps), tmp.data());
   });
   return out;
