@@ -377,12 +377,7 @@ class HSTULayer(nn.Module):
         kernel = self._fused_kernel(x)  # inference, reference options: compiled norm, then SiLU -> attention -> gate
         uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
         if kernel is not None:
-            bias = self.rab(L, buckets) if self.rab is not None else None
-            norm = self.normaliser(L, lengths, x.device)
-            gated = kernel.hstu_attention_gate(
-                uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
-                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0, 1.0 / float(norm), cfg.ln_eps, False)
-            return self.out(self.dropout(gated)) + x
+            return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, False))) + x
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
@@ -409,6 +404,17 @@ class HSTULayer(nn.Module):
             return None
         return kernels.silu_attention()
 
+    def _fused_middle(self, kernel, uvqk: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
+                      buckets: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        """SiLU(U) * LN(attention / N) from the raw projection (N, W) through the kernel: (N, H*dv), or
+        (B, H*dv) at each row's last token with ``last_only``."""
+        cfg = self.cfg
+        bias = self.rab(tokens.L, buckets) if self.rab is not None else None
+        return kernel.hstu_attention_gate(
+            uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
+            cfg.num_heads, cfg.qk_dim, cfg.v_dim, 1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
+            1.0 / float(self.normaliser(tokens.L, lengths, uvqk.device)), cfg.ln_eps, last_only)
+
     def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                      buckets: torch.Tensor | None) -> torch.Tensor:
         """The layer's output at each row's last real token only, (B, D): what next-item prediction needs
@@ -421,12 +427,7 @@ class HSTULayer(nn.Module):
         uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
         last = tokens.last_index(lengths)  # (B,) token index of each row's last event
         if kernel is not None:  # the fused middle with one query per row
-            bias = self.rab(L, buckets) if self.rab is not None else None
-            gated = kernel.hstu_attention_gate(
-                uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
-                H, dqk, dv, 1.0 / math.sqrt(dqk) if cfg.attn_scale else 1.0,
-                1.0 / float(self.normaliser(L, lengths, x.device)), cfg.ln_eps, True)  # (B, H*dv)
-            return self.out(self.dropout(gated)) + x[last]
+            return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, True))) + x[last]
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         u, q = uvqk[last, :H * dv], uvqk[last, 2 * H * dv:2 * H * dv + H * dqk]  # (B, H*dv), (B, H*dqk)

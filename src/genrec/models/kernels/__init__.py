@@ -1,9 +1,11 @@
 """Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (HSTU's causal SiLU
-attention forward for inference: float32, CPU, no autograd), or None when it cannot be used; callers
-then take the stock PyTorch path, which computes the same function (tests/test_kernels.py checks that
-they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in
+``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (float32, CPU, forward
+only): HSTU's causal SiLU attention (every forward, training included: the tiled backward of
+genrec/models/hstu.py recomputes its own scores), and at inference the middle of a layer
+(``hstu_attention_gate``) and its input norm (``layer_norm``). It returns None when the extension cannot
+be used; callers then take the stock PyTorch path, which computes the same functions
+(tests/test_kernels.py checks that they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and says so on stderr.
 
 ``GENREC_KERNELS`` selects: ``auto`` (default: use the kernel when it builds, otherwise warn once and

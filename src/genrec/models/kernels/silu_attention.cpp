@@ -1,4 +1,5 @@
-// Causal pointwise-SiLU attention forward for CPU inference (genrec/models/kernels/__init__.py loads it).
+// HSTU's causal pointwise-SiLU attention forward on CPU, and at inference the middle of a layer around it and
+// its input layer norm (genrec/models/kernels/__init__.py loads them).
 //
 //   out[b, i, h, :] = sum_{j <= i} SiLU(q[b, i, h, :] . k[b, j, h, :] + bias[b or 0, i, j]) v[b, j, h, :]
 //
@@ -7,7 +8,8 @@
 // SiLU and the causal mask; the 6 x 16 weights then go through L1 into the weighted sum of values, whose
 // accumulators are register-blocked too (3 rows x 32 columns). Nothing of size L x L is ever written to
 // memory: the stock path runs a matmul, a SiLU pass and a second matmul over every tile. Keys are packed
-// transposed (dqk x L) and values padded to whole vectors once per task, both in L1/L2.
+// transposed (dqk x L) and values in whole vectors (the last dv % 8 columns transposed) once per task,
+// both in L1/L2.
 // Written with GCC/Clang vector extensions (8 floats): AVX/AVX2 on x86, two NEON registers on ARM.
 
 #include <torch/extension.h>
