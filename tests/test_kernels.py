@@ -53,7 +53,7 @@ def test_kernel_equals_reference(dqk, dv, L, bias_rows):
     q, k, v = torch.split(proj, [H * dqk, H * dqk, H * dv], dim=-1)
     q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)
     bias = torch.randn(bias_rows, L, L, generator=g) if bias_rows else None
-    got = _built().causal_silu_attention(q, k, v, bias if bias is not None else torch.empty(0), lengths)
+    got = _built().causal_silu_attention(q, k, v, bias if bias is not None else torch.empty(0), lengths, torch.empty(0))
     want, real = _reference(q, k, v, bias, lengths)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double() * real, want, atol=2e-3, rtol=1e-4)
@@ -70,7 +70,7 @@ def test_kernel_edge_lengths_and_extreme_scores():
     v = torch.ones(B, L, H, d)
     kernel = _built()
     lengths = torch.tensor([0, 4, 50])  # none, some, clamped to L
-    got = kernel.causal_silu_attention(q, k, v, torch.empty(0), lengths)
+    got = kernel.causal_silu_attention(q, k, v, torch.empty(0), lengths, torch.empty(0))
     want, _ = _reference(q, k, v, None, lengths.clamp(max=L))
     assert got[0].abs().max() == 0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
@@ -82,7 +82,7 @@ def test_kernel_silu_far_below_exp_range_and_nan():
     q = torch.tensor([1e19, 1e19, float("nan")]).view(1, 3, 1, 1)
     k = torch.tensor([-1e19, 1.0, 1.0]).view(1, 3, 1, 1)
     v = torch.ones(1, 3, 1, 1)
-    got = _built().causal_silu_attention(q, k, v, torch.empty(0), torch.tensor([3]))[0, :, 0, 0]
+    got = _built().causal_silu_attention(q, k, v, torch.empty(0), torch.tensor([3]), torch.empty(0))[0, :, 0, 0]
     assert abs(got[0]) < 1e-30  # SiLU(-1e38) -> 0
     assert got[1] == F.silu(torch.tensor(1e19))  # SiLU(-1e38) + SiLU(1e19) = 1e19
     assert got[2].isnan()
@@ -93,7 +93,7 @@ def test_kernel_silu_matches_torch_over_its_range():
     """One key per row: the output is SiLU(score) itself, against torch's for scores across exp's range."""
     x = torch.cat([torch.linspace(-100, 100, 20_001), torch.tensor([0.0, 1e-8, -1e-8, 87.5, -87.5, 88.5, -88.5])])
     q, ones = x.view(-1, 1, 1, 1), torch.ones(len(x), 1, 1, 1)
-    got = _built().causal_silu_attention(q, ones, ones, torch.empty(0), torch.ones(len(x), dtype=torch.long))
+    got = _built().causal_silu_attention(q, ones, ones, torch.empty(0), torch.ones(len(x), dtype=torch.long), torch.empty(0))
     want = F.silu(x.double())
     torch.testing.assert_close(got.flatten().double(), want, rtol=4e-7, atol=1e-30)
 
@@ -110,7 +110,7 @@ def test_kernel_takes_any_strides_int32_lengths_and_more_threads_than_tasks():
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        got = _built().causal_silu_attention(q, k, v, torch.empty(0), lengths)
+        got = _built().causal_silu_attention(q, k, v, torch.empty(0), lengths, torch.empty(0))
     finally:
         torch.set_num_threads(threads)
     want, real = _reference(q, k, v, None, lengths.long())
@@ -175,31 +175,105 @@ def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, mo
 
 
 @needs_compiler
-@pytest.mark.parametrize("bias_rows", [0, 1, 3])
-def test_training_forward_from_kernel_backward_from_tiles(bias_rows):
-    """Under autograd the kernel makes the forward and the tiled path recomputes scores for the backward:
-    outputs and gradients equal plain autograd over the full masked scores (rows unsorted: permuted)."""
-    g = torch.Generator().manual_seed(bias_rows)
-    B, L, H = 3, 37, 2
-    lengths = torch.tensor([12, 37, 30])
-    proj = torch.randn(B, L, H * 14, generator=g, requires_grad=True)
-    q, k, v = torch.split(proj, [H * 4, H * 4, H * 6], dim=-1)
-    q, k, v = q.view(B, L, H, 4), k.view(B, L, H, 4), v.view(B, L, H, 6)
-    bias = torch.randn(bias_rows, L, L, generator=g, requires_grad=True) if bias_rows else None
-    with kernels.use_kernels(True):
-        got = causal_silu_attention(q, k, v, bias, lengths)
-    assert kernels._state.get("module") is not None, kernels._state.get("error")
-    mask = torch.ones(L, L).tril()
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    want = ((F.silu(qh @ kh.transpose(-1, -2) + (bias[:, None] if bias is not None else 0)) * mask) @ vh)
-    want = want.transpose(1, 2)
-    real = (torch.arange(L)[None, :] < lengths[:, None])[:, :, None, None]
-    torch.testing.assert_close(got * real, want * real, atol=1e-4, rtol=1e-4)
-    weights = torch.randn(got.shape, generator=g) * real
+@pytest.mark.parametrize("dqk,dv", [(4, 6), (25, 25), (8, 16), (3, 33), (50, 50)])
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 70])
+@pytest.mark.parametrize("bias_rows", [0, 1, 4])
+def test_training_gradients_from_the_kernel_equal_autograd(dqk, dv, L, bias_rows, monkeypatch):
+    """Under autograd the compiled forward and backward run (a spy checks both), and the outputs and the
+    gradients of the projection and the bias equal float64 autograd over the full masked scores. Rows of
+    mixed lengths (one empty), gradient weights on padding too: padding gets exactly zero gradient."""
+    g = torch.Generator().manual_seed(L * 100 + dqk + bias_rows)
+    B, H = 4, 2
+    lengths = torch.tensor([max(1, L // 3), L, 0, max(1, L - 5)])
+    proj = (torch.randn(B, L, H * (2 * dqk + dv), generator=g) * 0.5).requires_grad_()
+    bias = (torch.randn(bias_rows, L, L, generator=g) * 0.5).requires_grad_() if bias_rows else None
+    split = [H * dqk, H * dqk, H * dv]
+
+    def attention(proj, bias):
+        q, k, v = torch.split(proj, split, dim=-1)
+        return causal_silu_attention(q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv), bias, lengths)
+
+    kernel, calls = _built(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    got = attention(proj, bias)
+    weights = torch.randn(got.shape, generator=g)
     inputs = [proj] + ([bias] if bias is not None else [])
-    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
-                    torch.autograd.grad((want * weights).sum(), inputs)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    assert calls == ["causal_silu_attention", "causal_silu_attention_backward"]
+    proj64 = proj.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_() if bias is not None else None
+    q, k, v = torch.split(proj64, split, dim=-1)
+    want, real = _reference(q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv), bias64, lengths)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    want_grads = torch.autograd.grad((want * weights.double()).sum(), [proj64] + ([bias64] if bias64 is not None else []))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=1e-4)
+    assert got_grads[0][~real[..., 0, 0]].abs().max() == 0 if (~real).any() else True
+
+
+@needs_compiler
+def test_backward_kernel_shared_bias_across_threads_strides_and_no_bias_gradient():
+    """A bias shared by the batch summed from per-thread buffers (4 threads, more than rows), a transposed
+    non-contiguous output gradient, int32 lengths, and no bias gradient when it is not asked for."""
+    g = torch.Generator().manual_seed(7)
+    B, L, H, d = 3, 29, 2, 5
+    q, k, v = (torch.randn(B, L, H, d, generator=g) for _ in range(3))
+    bias = torch.randn(1, L, L, generator=g)
+    grad = torch.randn(B, H, L, d, generator=g).transpose(1, 2)  # (B, L, H, d), not contiguous
+    lengths = torch.tensor([29, 11, 20], dtype=torch.int32)
+    kernel = _built()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        dq, dk, dv, dbias = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, torch.empty(0), grad, True)
+        none = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, torch.empty(0), grad, False)
+    finally:
+        torch.set_num_threads(threads)
+    inputs = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    want, _ = _reference(*inputs, lengths.long())
+    want_grads = torch.autograd.grad((want * grad.double()).sum(), inputs)
+    for a, b in zip((dq, dk, dv, dbias), want_grads):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    assert none[3].numel() == 0
+    for a, b in zip(none[:3], (dq, dk, dv)):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant,lengths", [
+    ({"relative_bias": "position"}, [40, 3, 17, 1]),  # packed tokens
+    ({"relative_bias": "position_time"}, [40, 3, 17, 1]),  # the time bias's per-row gradient
+    ({"relative_bias": "position"}, [40, 39, 38, 40]),  # the (B * L) grid, padding tokens in no row
+    ({"attn_norm": "visible", "attn_scale": True, "qk_dim": 12}, [40, 3, 17, 1]),  # per-query normaliser
+])
+def test_model_training_gradients_equal_with_and_without_kernel(variant, lengths):
+    """One HSTU training loss: the parameter gradients through the compiled forward and backward (reading the
+    packed projection in place) equal the stock tiled path's."""
+    torch.manual_seed(0)
+    options = {"dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8, "max_len": 40,
+               "dropout": 0.0, "linear_dropout": 0.0, **variant}
+    model = HSTU(HSTUConfig(**options), 50).train()
+    lengths = torch.tensor(lengths)
+    items = torch.randint(1, 51, (4, 40)) * (torch.arange(40)[None] < lengths[:, None])
+    times = torch.cumsum(torch.randint(1, 10_000, (4, 40)), 1)
+    batch = Batch(items=items, lengths=lengths, timestamps=times)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with kernels.use_kernels(enabled):
+            out = model(batch)
+        real = torch.arange(40)[None] < lengths[:, None]
+        (out[real] * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_modes_and_build_failure(monkeypatch):

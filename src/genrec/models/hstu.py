@@ -203,12 +203,10 @@ class _CausalSiluAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None,
-                out: torch.Tensor | None = None):
-        """``out``: the forward already computed by the compiled kernel (backward recomputes its own tiles)."""
+    def forward(ctx, qf, kf, vf, bias, H: int, block: int, tile: int, row_len: list[int] | None):
         ctx.save_for_backward(qf, kf, vf, bias)
         ctx.config = (H, block, tile, row_len)
-        return out if out is not None else _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
+        return _attention_forward(qf, kf, vf, bias, H, block, tile, row_len)
 
     @staticmethod
     def backward(ctx, grad):
@@ -234,7 +232,52 @@ class _CausalSiluAttention(torch.autograd.Function):
                     dbias[r0 // H:r1 // H, q0:q1, :q1] += dscores.view(-1, H, q1 - q0, q1).sum(1)
                 else:
                     dbias[0, q0:q1, :q1] += dscores.sum(0)
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None
+
+
+def _kernel_args(q, k, v, bias):
+    """q, k, v (last dimension contiguous; views of one projection stay views) and the bias (contiguous, or
+    an empty tensor) as the compiled kernels take them, outside autograd."""
+    qkv = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v))
+    return (*qkv, bias.detach().contiguous() if bias is not None else q.new_empty(0))
+
+
+class _CompiledSiluAttention(torch.autograd.Function):
+    """The compiled kernels' forward and backward (CPU, float32) on views of the projection, in the (B, L, H, d)
+    grid or packed (N, H, d) with ``starts``: no layout copies, no row permutation; backward recomputes the
+    scores in registers as the forward does (nothing of size L x L is saved or written). Outputs and
+    gradients at padding positions are zero."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, lengths, starts, kernel):
+        args = _kernel_args(q, k, v, bias)
+        ctx.save_for_backward(*args, lengths, starts)
+        ctx.kernel, ctx.has_bias = kernel, bias is not None
+        return kernel.causal_silu_attention(*args, lengths, starts)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, bias, lengths, starts = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dq, dk, dv, dbias = ctx.kernel.causal_silu_attention_backward(
+            q, k, v, bias, lengths, starts, grad, ctx.has_bias and ctx.needs_input_grad[3])
+        return dq, dk, dv, dbias if dbias.numel() else None, None, None, None
+
+
+def compiled_silu_attention(q, k, v, bias, lengths, starts=None):
+    """The compiled kernels' causal SiLU attention, or None when they do not apply (not CPU float32, not
+    built, forward-mode AD): (B, L, H, d) inputs, or packed (N, H, d) tokens with ``starts`` (B,), the
+    first token of each row (then returns (N, H, dv)). Differentiable (``_CompiledSiluAttention``)."""
+    if not kernels.applies(q, k, v, bias) or (kernel := kernels.silu_attention()) is None:
+        return None
+    if lengths is None:
+        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long)
+    starts = starts if starts is not None else lengths.new_empty(0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        return _CompiledSiluAttention.apply(q, k, v, bias, lengths, starts, kernel)
+    with torch.no_grad():
+        return kernel.causal_silu_attention(*_kernel_args(q, k, v, bias), lengths, starts)
 
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -252,9 +295,10 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     With ``lengths`` (B,) the rows are processed longest first and each tile stops at its longest
     row's length, so a batch of mixed lengths costs about what its real tokens need (jagged attention
     without changing the batch); outputs at padding positions are then unspecified (finite).
-    On CPU in float32 the forward comes from the compiled register-blocked kernel of genrec/models/kernels
-    when it builds (``GENREC_KERNELS``): the same function 2-3x faster; under autograd the tiled backward
-    above still recomputes the scores (the kernel has no backward).
+    On CPU in float32 the compiled register-blocked kernels of genrec/models/kernels compute it when they
+    build (``GENREC_KERNELS``), forward and backward (``_CompiledSiluAttention``): the same function, the
+    forward 2-3x and forward + backward about 2.7x faster than the tiles; outputs and gradients at padding
+    positions are then zero.
     q, k: (B, L, H, dqk); v: (B, L, H, dv) (views of one projection are fine); bias: (B or 1, L, L) or
     None. Returns (B, L, H, dv).
     """
@@ -264,16 +308,9 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
         bias = bias.to(q.dtype)
     if is_static():
         return _dense_silu_attention(q, k, v, bias)
+    if (out := compiled_silu_attention(q, k, v, bias, lengths)) is not None:
+        return out
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
-    kernel_out = None  # the compiled register-blocked kernel's forward, when it builds (CPU, float32)
-    if kernels.applies(q, k, v, bias) and (kernel := kernels.silu_attention()) is not None:
-        with torch.no_grad():
-            kernel_out = kernel.causal_silu_attention(
-                *(t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v)),
-                bias.detach().contiguous() if bias is not None else q.new_empty(0),
-                lengths if lengths is not None else torch.full((B,), L, dtype=torch.long))  # (B, L, H, dv)
-        if not needs_grad:
-            return kernel_out
     row_len = order = None
     if lengths is not None and B > 1:
         sorted_len, order = longest_first(lengths.clamp(min=1, max=L))
@@ -285,10 +322,7 @@ def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
                 bias = permute_rows(bias, order, inverse)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * H, L, t.shape[-1]) for t in (q, k, v))  # (B*H, L, d)
     if needs_grad:
-        if kernel_out is not None:  # the kernel's forward in the tiles' (B*H, L, dv) layout and row order
-            kernel_out = permute_rows(kernel_out, order, inverse) if order is not None else kernel_out
-            kernel_out = kernel_out.transpose(1, 2).reshape(B * H, L, dv)
-        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len, kernel_out)
+        out = _CausalSiluAttention.apply(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
     else:
         out = _attention_forward(qf, kf, vf, bias, H, block, tile or ATTENTION_TILE, row_len)
     out = out.view(B, H, L, dv)
@@ -381,17 +415,41 @@ class HSTULayer(nn.Module):
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
+        bias = self.rab(L, buckets) if self.rab is not None else None  # (B or 1, L, L)
+        if (o := self._compiled_attention(uvqk, tokens, lengths, bias)) is not None:
+            return self.output(u, o, x)
         # attention needs the (B, L) layout: V, Q and K go back to padded rows in one copy
         v, q, k = torch.split(tokens.unpack(uvqk[:, H * dv:]), [H * dv, H * dqk, H * dqk], dim=-1)
         q, k, v = q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv)  # strided views
 
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
-        bias = self.rab(L, buckets) if self.rab is not None else None  # (B or 1, L, L)
         # Dividing the (B, L, H, dv) output instead of the (B, H, L, L) weights: same result, less work.
         o = causal_silu_attention(q, k, v, bias, lengths) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
         return self.output(u, o, x)
+
+    def _compiled_attention(self, uvqk: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The normalised attention output (N, H*dv) straight from the packed projection (after SiLU) through
+        the compiled kernels (training included), or None when they do not apply. No unpacking to the (B, L)
+        grid and back: the kernels read each row's tokens where they are."""
+        cfg = self.cfg
+        H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
+        if is_static():
+            return None
+        _, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        if cfg.attn_scale:
+            q = q * (1.0 / math.sqrt(dqk))
+        N = uvqk.shape[0]
+        o = compiled_silu_attention(q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias, lengths,
+                                    tokens.starts(lengths))  # (N, H, dv)
+        if o is None:
+            return None
+        norm = self.normaliser(tokens.L, lengths, uvqk.device)
+        if isinstance(norm, torch.Tensor) and norm.dim() == 4:  # visible: one count per query position
+            norm = tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1))
+        return (o / norm).view(N, H * dv)
 
     def _fused_kernel(self, x: torch.Tensor):
         """The compiled extension when it can run this layer's input norm (``layer_norm``) and middle

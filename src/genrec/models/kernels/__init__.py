@@ -1,8 +1,8 @@
 """Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (float32, CPU, forward
-only): HSTU's causal SiLU attention (every forward, training included: the tiled backward of
-genrec/models/hstu.py recomputes its own scores), and at inference the middle of a layer
+``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (float32, CPU): HSTU's
+causal SiLU attention forward and backward (``causal_silu_attention[_backward]``, training included,
+in the (B, L) grid or on packed tokens), and at inference the middle of a layer
 (``hstu_attention_gate``) and its input norm (``layer_norm``). It returns None when the extension cannot
 be used; callers then take the stock PyTorch path, which computes the same functions
 (tests/test_kernels.py checks that they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in

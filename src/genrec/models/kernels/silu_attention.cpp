@@ -1,5 +1,5 @@
-// HSTU's causal pointwise-SiLU attention forward on CPU, and at inference the middle of a layer around it and
-// its input layer norm (genrec/models/kernels/__init__.py loads them).
+// HSTU's causal pointwise-SiLU attention on CPU, forward and backward, and at inference the middle of a layer
+// around it and its input layer norm (genrec/models/kernels/__init__.py loads them).
 //
 //   out[b, i, h, :] = sum_{j <= i} SiLU(q[b, i, h, :] . k[b, j, h, :] + bias[b or 0, i, j]) v[b, j, h, :]
 //
@@ -9,7 +9,8 @@
 // accumulators are register-blocked too (3 rows x 32 columns). Nothing of size L x L is ever written to
 // memory: the stock path runs a matmul, a SiLU pass and a second matmul over every tile. Keys are packed
 // transposed (dqk x L) and values in whole vectors (the last dv % 8 columns transposed) once per task,
-// both in L1/L2.
+// both in L1/L2. The backward (attention_backward_task) recomputes the scores the same way, keys outer.
+// Rows are either the (B, L) grid or packed tokens with each row's first token given (struct Rows).
 // Written with GCC/Clang vector extensions (8 floats): AVX/AVX2 on x86, two NEON registers on ARM.
 
 #include <torch/extension.h>
@@ -214,6 +215,168 @@ void attention_task(const float* q, const float* k, const float* v, const float*
   for (int64_t i = n; i < zero_rows; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
 }
 
+// The gradients of one (batch row, head) of causal_silu_attention, given g = dL/d out (same layout as out):
+//   s_ij = q_i . k_j + bias_ij,  w_ij = SiLU(s_ij),  ds_ij = (g_i . v_j) SiLU'(s_ij)      for j <= i < n
+//   dv_j = sum_i w_ij g_i,  dk_j = sum_i ds_ij q_i,  dq_i = sum_j ds_ij k_j,  dbias_ij += ds_ij
+// Keys go 16 at a time (outer loop) and queries 6 at a time from the key block's diagonal on (inner loop),
+// as in the forward: the 6 x 16 scores and g . v products are recomputed in registers, and w (kept in
+// registers) and ds (through L1) are multiplied at once into the key block's dv and dk, held transposed
+// (d x 16) in L1, while dq accumulates per query row across key blocks (whole vectors as the forward's
+// weighted sum, the last dqk % 8 columns lane-wise). Nothing of size n x n is stored. dbias (row stride
+// bias_stride) is accumulated into, not overwritten: the caller gives each thread its own or sums heads.
+// Output rows [n, ...) are not touched (the caller zero-fills them).
+void attention_backward_task(const float* q, const float* k, const float* v, const float* g, const float* bias,
+                             float* dq, float* dk, float* dvo, float* dbias, int64_t n, int64_t Lb, int64_t dqk,
+                             int64_t dv, int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t g_stride,
+                             int64_t bias_stride, int64_t dq_stride, int64_t dk_stride, int64_t dv_stride,
+                             std::vector<float>& buf) {
+  if (n <= 0) return;
+  const int64_t Lp = (n + KB - 1) / KB * KB, Np = (n + QB - 1) / QB * QB;
+  const int64_t dqf = dqk / 8 * 8, dqt = dqk - dqf, dqp = dqf + 8, nq = dqf / 8;
+  buf.assign(Np * dqk + Np * dv + dqk * Lp + dv * Lp + Lp * dqf + Np * dqp + Np * dqt * 8 + 2 * QB * KB +
+                 (dqk + dv) * KB + QB * KB, 0.0f);
+  float* qp = buf.data();          // (Np, dqk): queries, rows past n zero
+  float* gp = qp + Np * dqk;       // (Np, dv): output gradients, rows past n zero
+  float* kt = gp + Np * dv;        // (dqk, Lp): keys transposed
+  float* vt = kt + dqk * Lp;       // (dv, Lp): values transposed
+  float* kr = vt + dv * Lp;        // (Lp, dqf): keys, whole vectors of columns (dq's weighted sum)
+  float* dqa = kr + Lp * dqf;      // (Np, dqp): dq accumulators
+  float* dqt_acc = dqa + Np * dqp; // (Np, dqt, 8): lane-wise dq accumulators of the last columns
+  float* dwb = dqt_acc + Np * dqt * 8;  // (QB, KB): g . v of one block
+  float* dsb = dwb + QB * KB;      // (QB, KB): ds of one block
+  float* dkT = dsb + QB * KB;      // (dqk, KB): the key block's dk, transposed
+  float* dvT = dkT + dqk * KB;     // (dv, KB): its dv, transposed
+  float* bblk = dvT + dv * KB;     // (QB, KB): bias block cut at the bias's last column
+  for (int64_t j = 0; j < n; ++j) {
+    std::memcpy(qp + j * dqk, q + j * q_stride, dqk * sizeof(float));
+    std::memcpy(gp + j * dv, g + j * g_stride, dv * sizeof(float));
+    std::memcpy(kr + j * dqf, k + j * k_stride, dqf * sizeof(float));
+    for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
+    for (int64_t c = 0; c < dv; ++c) vt[c * Lp + j] = v[j * v_stride + c];
+  }
+  const v8 lane_lo = v8{0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 lane_hi = lane_lo + splat(8.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += KB) {
+    std::fill(dkT, dkT + (dqk + dv) * KB, 0.0f);  // and dvT
+    const int64_t jn = std::min<int64_t>(KB, n - j0);
+    const int64_t bcols = std::min<int64_t>(KB, Lb - j0);  // bias columns that exist in this block (Lb: its width)
+    for (int64_t i0 = j0 / QB * QB; i0 < n; i0 += QB) {
+      // g . v for the block
+      v8 a[QB][2];
+      for (int r = 0; r < QB; ++r) a[r][0] = a[r][1] = splat(0.0f);
+      for (int64_t c = 0; c < dv; ++c) {
+        const v8 v0 = load(vt + c * Lp + j0), v1 = load(vt + c * Lp + j0 + 8);
+        for (int r = 0; r < QB; ++r) {
+          const v8 gc = splat(gp[(i0 + r) * dv + c]);
+          a[r][0] += gc * v0;
+          a[r][1] += gc * v1;
+        }
+      }
+      for (int r = 0; r < QB; ++r) {
+        store(dwb + r * KB, a[r][0]);
+        store(dwb + r * KB + 8, a[r][1]);
+      }
+      // scores
+      v8 s[QB][2];
+      for (int r = 0; r < QB; ++r) {
+        const int64_t i = i0 + r;
+        if (!bias || i >= n) {
+          s[r][0] = s[r][1] = splat(0.0f);
+        } else if (bcols == KB) {
+          s[r][0] = load(bias + i * bias_stride + j0);
+          s[r][1] = load(bias + i * bias_stride + j0 + 8);
+        } else {
+          std::fill(bblk, bblk + KB, 0.0f);
+          std::memcpy(bblk, bias + i * bias_stride + j0, bcols * sizeof(float));
+          s[r][0] = load(bblk);
+          s[r][1] = load(bblk + 8);
+        }
+      }
+      for (int64_t d = 0; d < dqk; ++d) {
+        const v8 k0 = load(kt + d * Lp + j0), k1 = load(kt + d * Lp + j0 + 8);
+        for (int r = 0; r < QB; ++r) {
+          const v8 qd = splat(qp[(i0 + r) * dqk + d]);
+          s[r][0] += qd * k0;
+          s[r][1] += qd * k1;
+        }
+      }
+      // w = SiLU(s) (kept in s), ds = (g . v) SiLU'(s) = (g . v) (sig + w (1 - sig)); zero past the diagonal.
+      // Rows past n give zero by themselves: their q, g and bias are zero, so s = 0, w = 0 and g . v = 0.
+      const bool masked = j0 + KB > i0 + 1;
+      for (int r = 0; r < QB; ++r) {
+        const v8 last = splat(static_cast<float>(i0 + r - j0));
+        for (int half = 0; half < 2; ++half) {
+          const v8 x = s[r][half];
+          const v8 sig = splat(1.0f) / (splat(1.0f) + exp8(vmin(vmax(-x, splat(-87.0f)), splat(88.0f))));
+          v8 w = vmax(splat(-88.0f), x) * sig;
+          v8 ds = load(dwb + r * KB + 8 * half) * (sig + w * (splat(1.0f) - sig));
+          if (masked) {
+            const v8 lane = half ? lane_hi : lane_lo;
+            w = lane <= last ? w : splat(0.0f);
+            ds = lane <= last ? ds : splat(0.0f);
+          }
+          s[r][half] = w;
+          store(dsb + r * KB + 8 * half, ds);
+        }
+        for (int64_t c = 0; c < dqt; ++c) {  // the last dq columns, keys along the lanes
+          float* acc = dqt_acc + ((i0 + r) * dqt + c) * 8;
+          store(acc, load(acc) + load(dsb + r * KB) * load(kt + (dqf + c) * Lp + j0) +
+                         load(dsb + r * KB + 8) * load(kt + (dqf + c) * Lp + j0 + 8));
+        }
+      }
+      // dv (transposed) += g^T w, w in registers
+      for (int64_t c = 0; c < dv; ++c) {
+        v8 acc0 = load(dvT + c * KB), acc1 = load(dvT + c * KB + 8);
+        for (int r = 0; r < QB; ++r) {
+          const v8 gc = splat(gp[(i0 + r) * dv + c]);
+          acc0 += gc * s[r][0];
+          acc1 += gc * s[r][1];
+        }
+        store(dvT + c * KB, acc0);
+        store(dvT + c * KB + 8, acc1);
+      }
+      // dk (transposed) += q^T ds
+      for (int r = 0; r < QB; ++r) {
+        s[r][0] = load(dsb + r * KB);
+        s[r][1] = load(dsb + r * KB + 8);
+      }
+      for (int64_t d = 0; d < dqk; ++d) {
+        v8 acc0 = load(dkT + d * KB), acc1 = load(dkT + d * KB + 8);
+        for (int r = 0; r < QB; ++r) {
+          const v8 qd = splat(qp[(i0 + r) * dqk + d]);
+          acc0 += qd * s[r][0];
+          acc1 += qd * s[r][1];
+        }
+        store(dkT + d * KB, acc0);
+        store(dkT + d * KB + 8, acc1);
+      }
+      if (dbias)
+        for (int r = 0; r < QB && i0 + r < n; ++r) {
+          float* row = dbias + (i0 + r) * bias_stride + j0;
+          const int64_t cols = std::min<int64_t>(i0 + r - j0 + 1, bcols);  // ds is zero right of the diagonal
+          for (int64_t jj = 0; jj < cols; ++jj) row[jj] += dsb[r * KB + jj];
+        }
+      // dq += ds k, whole vectors of columns 32 at a time
+      for (int64_t c0 = 0; c0 < nq; c0 += 4) {
+        switch (std::min<int64_t>(4, nq - c0)) {
+          case 1: weighted_values<1>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
+          case 2: weighted_values<2>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
+          case 3: weighted_values<3>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
+          default: weighted_values<4>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
+        }
+      }
+    }
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      for (int64_t d = 0; d < dqk; ++d) dk[(j0 + jj) * dk_stride + d] = dkT[d * KB + jj];
+      for (int64_t c = 0; c < dv; ++c) dvo[(j0 + jj) * dv_stride + c] = dvT[c * KB + jj];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(dq + i * dq_stride, dqa + i * dqp, dqf * sizeof(float));
+    for (int64_t c = 0; c < dqt; ++c) dq[i * dq_stride + dqf + c] = hsum(load(dqt_acc + (i * dqt + c) * 8));
+  }
+}
+
 // Runs task(b, h, buffer) for every (batch row, head), longest rows first, handed out one at a time: a
 // static split of length-sorted rows (as evaluation batches come) would give one thread all the long ones.
 template <typename Task>
@@ -345,41 +508,149 @@ void check_bias(const torch::Tensor& bias, int64_t B, int64_t L) {
               "bias must be a contiguous float32 (B or 1, L, L) tensor");
 }
 
+// Where each batch row's positions are in q, k, v, grad and the outputs. Either the (B, L, H, d) grid (row b
+// at b * stride(0), positions stride(1) apart, heads stride(2)) or packed tokens (N, H, d) with ``starts``
+// (row b's positions are tokens starts[b] ..., stride(0) apart, heads stride(1)). Checks shapes and dtypes.
+struct Rows {
+  bool packed = false;
+  int64_t B = 0, L = 0, H = 0, N = 0;  // L: positions per grid row, or the longest packed row
+  int64_t dqk = 0, dv = 0;
+  std::vector<int64_t> n, start;       // real positions of each row; its first token (packed)
+  bool covered = false;                // packed: every token belongs to a row
+
+  int64_t base(const torch::Tensor& t, int64_t b, int64_t h) const {
+    return packed ? start[b] * t.stride(0) + h * t.stride(1) : b * t.stride(0) + h * t.stride(2);
+  }
+  int64_t step(const torch::Tensor& t) const { return packed ? t.stride(0) : t.stride(1); }
+  torch::Tensor zeros_or_empty(int64_t d, const torch::Tensor& like, bool need_zero_padding) const {
+    auto opts = like.options();
+    if (packed) return covered || !need_zero_padding ? torch::empty({N, H, d}, opts) : torch::zeros({N, H, d}, opts);
+    return need_zero_padding ? torch::zeros({B, L, H, d}, opts) : torch::empty({B, L, H, d}, opts);
+  }
+};
+
+Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor* grad,
+             const torch::Tensor& lengths, const torch::Tensor& starts) {
+  Rows r;
+  r.packed = starts.numel() > 0;
+  const int64_t dims = r.packed ? 3 : 4;
+  const char* shape = r.packed ? "(N, H, d) with starts" : "(B, L, H, d)";
+  for (const auto* t : {&q, &k, &v, grad}) {
+    if (!t) continue;
+    TORCH_CHECK(t->dim() == dims, "q, k, v", grad ? ", grad" : "", " must be ", shape);
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
+    TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
+    TORCH_CHECK(t->size(dims - 1) <= 1 || t->stride(dims - 1) == 1, "the last dimension of q, k, v",
+                grad ? ", grad" : "", " must be contiguous");
+  }
+  TORCH_CHECK(lengths.device().is_cpu() && starts.device().is_cpu(), "lengths and starts must be CPU tensors");
+  auto len = lengths.to(torch::kInt64).contiguous();
+  r.B = r.packed ? len.numel() : q.size(0);
+  TORCH_CHECK(len.numel() == r.B, "lengths must have one entry per batch row");
+  r.H = q.size(dims - 2);
+  r.dqk = q.size(dims - 1);
+  r.dv = v.size(dims - 1);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes().slice(0, dims - 1) == q.sizes().slice(0, dims - 1) &&
+              (!grad || grad->sizes() == v.sizes()), "shape mismatch between q, k, v", grad ? " and grad" : "");
+  const int64_t* lp = len.data_ptr<int64_t>();
+  r.n.resize(r.B);
+  if (r.packed) {
+    auto st = starts.to(torch::kInt64).contiguous();
+    TORCH_CHECK(st.numel() == r.B, "starts and lengths must have one entry per batch row");
+    const int64_t* sp = st.data_ptr<int64_t>();
+    r.N = q.size(0);
+    r.start.assign(sp, sp + r.B);
+    int64_t total = 0;
+    for (int64_t b = 0; b < r.B; ++b) {
+      TORCH_CHECK(lp[b] >= 0 && sp[b] >= 0 && sp[b] + lp[b] <= r.N, "batch row ", b, " runs past the tokens");
+      r.n[b] = lp[b];
+      r.L = std::max(r.L, lp[b]);
+      total += lp[b];
+    }
+    r.covered = total == r.N;
+  } else {
+    r.L = q.size(1);
+    for (int64_t b = 0; b < r.B; ++b) r.n[b] = std::max<int64_t>(0, std::min(lp[b], r.L));
+  }
+  return r;
+}
+
+// The bias of row b (its rows bias.size(1) apart), or null.
+const float* bias_of(const torch::Tensor& bias, int64_t b) {
+  if (bias.numel() == 0) return nullptr;
+  const int64_t Lb = bias.size(1);
+  return bias.data_ptr<float>() + (bias.size(0) > 1 ? b : 0) * Lb * Lb;
+}
+
 }  // namespace
 
 // q, k: (B, L, H, dqk), v: (B, L, H, dv), float32, last dimension contiguous (views of one projection are
-// fine); bias: (B or 1, L, L) contiguous or an empty tensor; lengths: (B,) int64. Returns (B, L, H, dv).
+// fine); bias: (B or 1, Lb, Lb), Lb >= L, contiguous, or an empty tensor; lengths: (B,) integers. Returns
+// (B, L, H, dv), zero at padding positions. With ``starts`` (B,) (not empty): packed tokens instead, q, k
+// (N, H, dqk), v (N, H, dv), row b's positions at tokens starts[b] .. starts[b] + lengths[b] - 1; returns
+// (N, H, dv) (zero at tokens of no row).
 torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
-                                    torch::Tensor lengths) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, L, H, d)");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
-  check_cpu({&q, &k, &v, &bias, &lengths});
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "the last dimension of q, k, v must be contiguous");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), dqk = q.size(3), dv = v.size(3);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == B && v.size(1) == L && v.size(2) == H, "shape mismatch");
-  const bool has_bias = bias.numel() > 0;
-  if (has_bias) check_bias(bias, B, L);
-  TORCH_CHECK(!has_bias || bias.size(1) == L, "bias must be (B or 1, L, L)");
-  auto len = lengths.to(torch::kInt64).contiguous();
-  TORCH_CHECK(len.numel() == B, "lengths must have one entry per batch row");
-  auto out = torch::empty({B, L, H, dv}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const int64_t* lp = len.data_ptr<int64_t>();
-  const int64_t bias_rows = has_bias ? bias.size(0) : 0;
-  for_each_row_head(lp, B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
-    const int64_t n = std::max<int64_t>(0, std::min(lp[b], L));
-    attention_task(qp + b * q.stride(0) + h * q.stride(2), kp + b * k.stride(0) + h * k.stride(2),
-                   vp + b * v.stride(0) + h * v.stride(2), bp ? bp + (bias_rows > 1 ? b : 0) * L * L : nullptr,
-                   op + (b * L * H + h) * dv, n, L, dqk, dv, q.stride(1), k.stride(1), v.stride(1), L, H * dv,
-                   false, 1.0f, 0, buf);
+                                    torch::Tensor lengths, torch::Tensor starts) {
+  const Rows rows = rows_of(q, k, v, nullptr, lengths, starts);
+  check_cpu({&bias});
+  if (bias.numel() > 0) check_bias(bias, rows.B, rows.L);
+  auto out = rows.zeros_or_empty(rows.dv, q, rows.packed);  // the grid's padding rows are zeroed by the tasks
+  const int64_t Lb = bias.numel() > 0 ? bias.size(1) : 0;
+  for_each_row_head(rows.n.data(), rows.B, rows.H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
+    attention_task(q.data_ptr<float>() + rows.base(q, b, h), k.data_ptr<float>() + rows.base(k, b, h),
+                   v.data_ptr<float>() + rows.base(v, b, h), bias_of(bias, b),
+                   out.data_ptr<float>() + rows.base(out, b, h), rows.n[b], rows.packed ? rows.n[b] : rows.L,
+                   rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v), Lb, rows.step(out), false, 1.0f,
+                   0, buf);
   });
   return out;
+}
+
+// The gradients of causal_silu_attention: grad (the output's layout and shape) float32 with a contiguous last
+// dimension; the other arguments as the forward's. Returns dq, dk, dv in the layout of q, k, v (contiguous;
+// zero at padding positions) and, when bias_grad and a bias is given, dbias shaped as the bias (otherwise an
+// empty tensor). One task per batch row (its heads in turn, so a per-row bias gradient has one writer); a
+// bias shared by the batch gets one gradient buffer per thread, summed at the end.
+std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                          torch::Tensor bias, torch::Tensor lengths,
+                                                          torch::Tensor starts, torch::Tensor grad,
+                                                          bool bias_grad) {
+  const Rows rows = rows_of(q, k, v, &grad, lengths, starts);
+  check_cpu({&bias});
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) check_bias(bias, rows.B, rows.L);
+  const int64_t B = rows.B, H = rows.H, Lb = has_bias ? bias.size(1) : 0;
+  auto dq = rows.zeros_or_empty(rows.dqk, q, true);
+  auto dk = rows.zeros_or_empty(rows.dqk, q, true);
+  auto dv = rows.zeros_or_empty(rows.dv, q, true);
+  const bool want_dbias = has_bias && bias_grad;
+  const bool shared = want_dbias && bias.size(0) == 1 && B > 1;
+  auto dbias = want_dbias ? torch::zeros_like(bias) : torch::empty({0}, q.options());
+  std::vector<int64_t> order(B);
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return rows.n[x] > rows.n[y]; });
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  // a shared bias: one Lb x Lb gradient per worker slot (slot 0 is dbias itself)
+  std::vector<torch::Tensor> partial;
+  for (int64_t w = 1; shared && w < workers; ++w) partial.push_back(torch::zeros({Lb, Lb}, q.options()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t slot, int64_t) {
+    std::vector<float> buf;
+    float* db_shared = shared ? (slot == 0 ? dbias.data_ptr<float>() : partial[slot - 1].data_ptr<float>()) : nullptr;
+    for (int64_t t = next++; t < B; t = next++) {
+      const int64_t b = order[t];
+      float* db = !want_dbias ? nullptr : shared ? db_shared : const_cast<float*>(bias_of(dbias, b));
+      for (int64_t h = 0; h < H; ++h)
+        attention_backward_task(q.data_ptr<float>() + rows.base(q, b, h), k.data_ptr<float>() + rows.base(k, b, h),
+                                v.data_ptr<float>() + rows.base(v, b, h), grad.data_ptr<float>() + rows.base(grad, b, h),
+                                bias_of(bias, b), dq.data_ptr<float>() + rows.base(dq, b, h),
+                                dk.data_ptr<float>() + rows.base(dk, b, h), dv.data_ptr<float>() + rows.base(dv, b, h),
+                                db, rows.n[b], Lb, rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v),
+                                rows.step(grad), Lb, rows.step(dq), rows.step(dk), rows.step(dv), buf);
+    }
+  });
+  for (auto& p : partial) dbias[0].add_(p);
+  return {dq, dk, dv, dbias};
 }
 
 // The middle of an HSTU layer at inference, from the raw projection to the gated, normalised attention:
@@ -473,6 +744,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // no Python object is touched while it runs: other threads (the HTTP server's event loop) keep going
   m.def("causal_silu_attention", &causal_silu_attention, "causal SiLU attention forward (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("causal_silu_attention_backward", &causal_silu_attention_backward,
+        "gradients of the causal SiLU attention (CPU, float32)", py::call_guard<py::gil_scoped_release>());
   m.def("hstu_attention_gate", &hstu_attention_gate,
         "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
         py::call_guard<py::gil_scoped_release>());
