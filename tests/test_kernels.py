@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -274,6 +275,43 @@ def test_model_training_gradients_equal_with_and_without_kernel(variant, lengths
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_hashed_dropout_keeps_1_minus_p_independently(p):
+    """The hashed mask: P(keep) = 1 - p in both 16-bit halves of each hash (elements 0-7 and 8-15 of a block),
+    no correlation between neighbours or between blocks, and unrelated masks for nearby seeds."""
+    kernel = _built()
+    n = 1 << 20
+    keep = (kernel.hashed_dropout(torch.ones(n), p, 5) != 0).float()
+    sigma = math.sqrt(p * (1 - p) / (n / 2))
+    halves = keep.view(-1, 2, 8)
+    for half in (halves[:, 0], halves[:, 1]):
+        assert abs(half.mean().item() - (1 - p)) < 5 * sigma
+    for lag in (1, 8, 16):
+        both = (keep[:-lag] * keep[lag:]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 5 * sigma, lag
+    other = (kernel.hashed_dropout(torch.ones(n), p, 6) != 0).float()  # the next seed
+    assert abs((keep * other).mean().item() - (1 - p) ** 2) < 5 * sigma
+
+
+@needs_compiler
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 33])
+def test_hashed_dropout_sizes_seeds_and_checks(n):
+    kernel = _built()
+    x = torch.randn(n)
+    y = kernel.hashed_dropout(x, 0.5, 123)
+    assert torch.equal(y, kernel.hashed_dropout(x, 0.5, 123))  # a function of (seed, index)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] * 2)
+    if n >= 16:  # a prefix gets the same mask: the tail block is cut, not re-drawn
+        assert torch.equal(kernel.hashed_dropout(x[:n - 1].contiguous(), 0.5, 123), y[:n - 1])
+    assert torch.equal(kernel.hashed_dropout(x, 0.0, 9), x)
+    with pytest.raises(RuntimeError, match="probability"):
+        kernel.hashed_dropout(x, 1.0, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel.hashed_dropout(torch.randn(4, 4).t(), 0.5, 1)
 
 
 def test_modes_and_build_failure(monkeypatch):

@@ -1,10 +1,15 @@
 """The shared building blocks: the fast CPU dropout and SASRec's dropout attention."""
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.cpp_extension import is_ninja_available
+
+from genrec.models import kernels
 
 from genrec.models.layers import Dropout, dropout, keep_mask
 from genrec.models.sasrec import dropout_attention
@@ -30,7 +35,21 @@ def test_keep_mask_shapes_and_extremes():
     assert keep_mask((0,), 0.5).numel() == 0
 
 
-def test_dropout_forward_backward_and_modes():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dropout_forward_backward_and_modes(compiled):
+    """Both masks: the bulk-integer one (kernels off) and the compiled hashed one (skipped without a compiler)."""
+    if compiled and not _compiler():
+        pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled dropout cannot be built")
+    with kernels.use_kernels(compiled):
+        assert (kernels.silu_attention() is not None) == compiled
+        _check_dropout()
+
+
+def _compiler() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
+def _check_dropout():
     x = torch.randn(400, 300, requires_grad=True)
     torch.manual_seed(1)
     y = dropout(x, 0.25)
@@ -60,5 +79,6 @@ def test_dropout_attention_equals_sdpa_without_dropout_and_applies_a_mask_with_i
     scores = (q @ k.transpose(-1, -2)) / 2.0
     weights = torch.softmax(scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf")), -1)
     torch.manual_seed(3)
-    mask = keep_mask((6, 9, 9), 0.3).view(3, 2, 9, 9)
+    mask = dropout(torch.ones(3, 2, 9, 9), 0.3) * 0.7  # the mask the same seed gives (hashed or bulk integers)
+    assert 0 < mask.sum() < mask.numel()
     torch.testing.assert_close(got, (weights * mask / 0.7) @ v)

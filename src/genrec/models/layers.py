@@ -4,9 +4,13 @@
 sample per element (about 12 ns each here): on ML-1M it was 20 % of a SASRec step and 8 % of an
 HSTU-large one. Here the mask comes from 63-bit integers drawn in bulk (``random_`` on int64, about
 1 ns per 8 bytes), split into two 31-bit uniforms per integer and compared with ``p * 2^31``: the same
-keep probability up to 2^-31, 3-4x faster. The mask is kept as bytes for the backward. On GPUs the
-fused native dropout is already fast and is used as is. Both draw from the global generator, so
-``torch.manual_seed`` and checkpointed RNG state make runs reproducible as before.
+keep probability up to 2^-31, 3-4x faster. The mask is kept as bytes for the backward. When the compiled
+kernels are built (genrec/models/kernels) the mask is instead a hash of a seed and each element's index
+(16-bit uniforms: P(keep) = 1 - p to 2^-16), computed with the multiply in one pass and recomputed for
+the backward: about 50x faster than the bulk integers again (0.26 against 14 ms for a (21,000 x 50)
+tensor), no mask stored. On GPUs the fused native dropout is already fast and is used as is. All of them
+draw from the global generator (the hashed one its seed), so ``torch.manual_seed`` and checkpointed RNG
+state make runs reproducible as before.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genrec.models import kernels
 
 _UNIFORM_BITS = 31
 
@@ -43,12 +49,29 @@ class _MaskedScale(torch.autograd.Function):
         return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
+class _HashedDropout(torch.autograd.Function):
+    """The compiled kernel's dropout: the mask is a hash of (seed, element index), so nothing is stored
+    for the backward, which applies the same mask to the gradient (one call with the same seed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int, kernel) -> torch.Tensor:
+        ctx.p, ctx.seed, ctx.kernel = p, seed, kernel
+        return kernel.hashed_dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.kernel.hashed_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None, None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout`` semantics (zero with probability p, scale the rest by 1 / (1 - p))."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training=True)
+    if x.is_contiguous() and kernels.applies(x) and (kernel := kernels.silu_attention()) is not None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # from the global generator: reproducible
+        return _HashedDropout.apply(x, p, seed, kernel)
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 
 

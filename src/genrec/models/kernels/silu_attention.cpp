@@ -732,6 +732,61 @@ torch::Tensor layer_norm(torch::Tensor x, double eps) {
   return out;
 }
 
+// Dropout whose mask is a function of (seed, element index): a counter-based hash instead of a stored mask
+// or a sequential generator. 16-bit uniforms, two per 32-bit hash (lowbias32 rounds keyed by the seed):
+// an element is kept when its uniform is >= round(p 2^16), P(keep) = 1 - p to 2^-16. The backward is the
+// same call on the gradient with the same seed. x contiguous float32; returns x * keep / (1 - p).
+typedef unsigned int v8u __attribute__((vector_size(32)));
+
+inline v8u mix32(v8u x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32, "dropout takes a contiguous float32 tensor");
+  check_cpu({&x});
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1)");
+  auto out = torch::empty_like(x);
+  const int64_t n = x.numel();
+  const unsigned thr = static_cast<unsigned>(std::llround(p * 65536.0));
+  const v8 scale = splat(static_cast<float>(1.0 / (1.0 - p)));
+  uint64_t key = static_cast<uint64_t>(seed) + 0x9e3779b97f4a7c15ull;  // splitmix64: nearby seeds, unrelated keys
+  key = (key ^ (key >> 30)) * 0xbf58476d1ce4e5b9ull;
+  key = (key ^ (key >> 27)) * 0x94d049bb133111ebull;
+  key ^= key >> 31;
+  const unsigned k0 = static_cast<unsigned>(key), k1 = static_cast<unsigned>(key >> 32);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const v8u lane = v8u{0, 1, 2, 3, 4, 5, 6, 7};
+  at::parallel_for(0, (n + 15) / 16, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {  // elements 16 blk .. 16 blk + 15: 8 hashes
+      const uint64_t counter = static_cast<uint64_t>(blk) * 8;
+      const v8u c = v8u{0, 0, 0, 0, 0, 0, 0, 0} + static_cast<unsigned>(counter) + lane;
+      const v8u h = mix32(mix32(c ^ k0) ^ (k1 + static_cast<unsigned>(counter >> 32) * 0x9e3779b9u));
+      const v8i keep_lo = (v8i)((h & 0xffffu) >= thr), keep_hi = (v8i)((h >> 16) >= thr);
+      const int64_t e = blk * 16;
+      if (e + 16 <= n) {
+        const v8 a = load(xp + e) * scale, b = load(xp + e + 8) * scale;
+        store(op + e, keep_lo ? a : splat(0.0f));
+        store(op + e + 8, keep_hi ? b : splat(0.0f));
+      } else {
+        float t[16] = {0};
+        std::memcpy(t, xp + e, (n - e) * sizeof(float));
+        const v8 a = load(t) * scale, b = load(t + 8) * scale;
+        store(t, keep_lo ? a : splat(0.0f));
+        store(t + 8, keep_hi ? b : splat(0.0f));
+        std::memcpy(op + e, t, (n - e) * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
 bool built_with_openmp() {
 #ifdef _OPENMP
   return true;
@@ -750,6 +805,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
         py::call_guard<py::gil_scoped_release>());
   m.def("layer_norm", &layer_norm, "LayerNorm without affine over the last dimension (CPU, float32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("hashed_dropout", &hashed_dropout, "dropout with a mask hashed from (seed, index) (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
   m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for can use more than one thread");
 }
