@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.config import LossConfig
-from genrec.losses import Loss, bce, full_softmax, in_batch, negative_scores, sampled_softmax
+from genrec.losses import Loss, bce, draw_seed, full_softmax, in_batch, negative_scores, sampled_softmax
+from genrec.models import kernels
 
 
 def _inputs(N=9, D=4, num_items=12, seed=0, duplicates=False):
@@ -156,23 +160,62 @@ def _sampled_brute(q, targets, items, negatives, temperature, log_q=None):
     return total / len(q)
 
 
-@pytest.mark.parametrize("num_items,num_negatives", [(12, 5), (5, 8), (300, 2)])
+@pytest.mark.parametrize("num_items,num_negatives", [(12, 5), (5, 8), (300, 2), (40, 19)])
 @pytest.mark.parametrize("with_log_q", [False, True])
-def test_sampled_softmax_matches_loop_with_same_negatives(num_items, num_negatives, with_log_q):
-    q, targets, items = _inputs(num_items=num_items, seed=1)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampled_softmax_matches_loop_with_same_negatives(num_items, num_negatives, with_log_q, compiled):
+    """Stock path (negatives from torch.randint) and compiled kernel (negatives hashed from a seed drawn from
+    the same generator; log Q keeps the stock path) against the per-position loop on the same negatives."""
+    if compiled and not _compiler():
+        pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
+    q, targets, items = _inputs(N=37, D=11, num_items=num_items, seed=1)
     log_q = torch.log_softmax(torch.randn(num_items + 1), 0) if with_log_q else None
-    negatives = torch.randint(1, num_items + 1, (len(q), num_negatives),
-                              generator=torch.Generator().manual_seed(123))
-    if num_items == 5:  # a small catalogue: accidental hits must occur for the check to mean anything
-        assert (negatives == targets[:, None]).any()
-    got = _grads(lambda q, it: sampled_softmax(q, targets, it, num_items, num_negatives, 0.1, log_q,
-                                               generator=torch.Generator().manual_seed(123)), q, items)
+    with kernels.use_kernels(compiled):
+        if compiled and not with_log_q:
+            seed = draw_seed(torch.Generator().manual_seed(123))
+            negatives = kernels.silu_attention().hashed_negatives(len(q), num_negatives, num_items, seed)
+        else:
+            negatives = torch.randint(1, num_items + 1, (len(q), num_negatives),
+                                      generator=torch.Generator().manual_seed(123))
+        if num_items == 5:  # a small catalogue: accidental hits must occur for the check to mean anything
+            assert (negatives == targets[:, None]).any()
+        got = _grads(lambda q, it: sampled_softmax(q, targets, it, num_items, num_negatives, 0.1, log_q,
+                                                   generator=torch.Generator().manual_seed(123)), q, items)
     want = _grads(lambda q, it: _sampled_brute(q, targets, it, negatives, 0.1, log_q), q, items)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
-def test_sampled_softmax_uses_global_rng_when_no_generator(monkeypatch):
+def _compiler() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
+def test_hashed_negatives_are_uniform_and_independent():
+    """The compiled loss's negatives: every item about equally often, rows of a seed unrelated to the next seed's."""
+    if not _compiler():
+        pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
+    with kernels.use_kernels(True):
+        kernel = kernels.silu_attention()
+    num_items, N, R = 50, 4000, 25
+    neg = kernel.hashed_negatives(N, R, num_items, 9)
+    assert neg.min() == 1 and neg.max() == num_items
+    counts = torch.bincount(neg.reshape(-1), minlength=num_items + 1)[1:].double()
+    expected = N * R / num_items
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 100  # 49 degrees of freedom: the 99.99th percentile is about 95
+    assert torch.equal(neg, kernel.hashed_negatives(N, R, num_items, 9))
+    assert (neg == kernel.hashed_negatives(N, R, num_items, 10)).double().mean() < 2.0 / num_items
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampled_softmax_uses_global_rng_when_no_generator(monkeypatch, compiled):
+    if compiled and not _compiler():
+        pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
+    with kernels.use_kernels(compiled):
+        _check_global_rng(monkeypatch, compiled)
+
+
+def _check_global_rng(monkeypatch, compiled):
     q, targets, items = _inputs(seed=2)
     drawn = {}
     real_randint = torch.randint
@@ -186,6 +229,9 @@ def test_sampled_softmax_uses_global_rng_when_no_generator(monkeypatch):
     torch.manual_seed(5)
     loss = sampled_softmax(q, targets, items, 12, 6, 0.3)
     negatives = drawn["neg"]
+    if compiled:  # one seed drawn from the global generator, the negatives hashed from it
+        assert negatives.shape == ()
+        negatives = kernels.silu_attention().hashed_negatives(len(q), 6, 12, int(negatives))
     assert negatives.shape == (len(q), 6) and negatives.min() >= 1 and negatives.max() <= 12
     torch.testing.assert_close(loss, _sampled_brute(q, targets, items, negatives, 0.3), atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)

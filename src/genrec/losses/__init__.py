@@ -9,7 +9,8 @@ so training and evaluation compare queries and items the same way (dot or cosine
   made in the same pass, so memory stays bounded by ``chunk_size x I`` and nothing is recomputed.
 - ``sampled_softmax``: the target against R uniform negatives drawn per position; negatives equal to the
   target (accidental hits) are masked; optional logQ correction (a no-op for uniform sampling, kept for
-  non-uniform samplers).
+  non-uniform samplers). With the compiled kernels (CPU float32) the negatives are hashed from a seed
+  and loss and gradients come from one pass (``_CompiledSampledSoftmax``), else from ``torch.randint``.
 - ``in_batch``: the other positions' targets in the batch are the negatives; repeats of the target are
   masked; optional logQ correction with the items' training frequency. Under DDP the negatives are
   those of the rank's own slice of the batch.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from genrec.config import LossConfig
+from genrec.models import kernels
 from genrec.models.scoring import Scorer
 
 NEG_INF = -1e9
@@ -190,10 +192,53 @@ def negative_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tenso
     return _gathered_scores(q, items, negatives)
 
 
+class _CompiledSampledSoftmax(torch.autograd.Function):
+    """The compiled kernel's sampled softmax (genrec/models/kernels): loss and gradients in one pass per
+    position (scores of the target and R hashed negatives, softmax, the query's gradient in registers, the
+    item gradient into a per-thread table), like ``_FullSoftmax``. No (N, R) index or score tensor, no sort."""
+
+    @staticmethod
+    def forward(ctx, q, items, targets, num_negatives: int, temperature: float, seed: int, kernel):
+        loss, dq, ditems = kernel.sampled_softmax(q.detach().contiguous(), items.detach().contiguous(),
+                                                  targets.contiguous(), num_negatives, temperature, seed)
+        ctx.save_for_backward(dq, ditems)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        dq, ditems = ctx.saved_tensors
+        return dq * grad, ditems * grad, None, None, None, None, None
+
+
+COMPILED_ITEM_GRAD_BYTES = 2**28  # the compiled sampled softmax's per-thread item-gradient tables, at most
+
+
+def _compiled_sampled_softmax(q: torch.Tensor, items: torch.Tensor, num_items: int, log_q):
+    """The compiled extension when it can compute this sampled softmax (CPU float32, no log Q, D <= 128,
+    per-thread item-gradient tables within COMPILED_ITEM_GRAD_BYTES), else None."""
+    if (log_q is not None or q.shape[-1] > 128 or items.shape[0] != num_items + 1 or num_items < 1
+            or not kernels.applies(q, items)):
+        return None
+    padded = (q.shape[-1] + 7) // 8 * 8
+    if items.shape[0] * padded * 4 * torch.get_num_threads() > COMPILED_ITEM_GRAD_BYTES:
+        return None
+    return kernels.silu_attention()
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A seed for the compiled kernels' hashed random numbers, from ``generator`` or the global one."""
+    return int(torch.randint(0, 2**62, (), generator=generator))
+
+
 def sampled_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, num_items: int,
                     num_negatives: int, temperature: float, log_q: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     N = len(q)
+    if (kernel := _compiled_sampled_softmax(q, items, num_items, log_q)) is not None:
+        # negatives drawn by hash from a seed (kernel.hashed_negatives(N, R, num_items, seed) lists them)
+        return _CompiledSampledSoftmax.apply(q, items, targets, num_negatives, temperature, draw_seed(generator),
+                                             kernel)
     negatives = torch.randint(1, num_items + 1, (N, num_negatives), device=q.device, generator=generator)  # (N, R)
     pos = (q * F.embedding(targets, items)).sum(-1, keepdim=True)  # (N, 1)
     neg = negative_scores(q, items, negatives)  # (N, R)

@@ -732,10 +732,8 @@ torch::Tensor layer_norm(torch::Tensor x, double eps) {
   return out;
 }
 
-// Dropout whose mask is a function of (seed, element index): a counter-based hash instead of a stored mask
-// or a sequential generator. 16-bit uniforms, two per 32-bit hash (lowbias32 rounds keyed by the seed):
-// an element is kept when its uniform is >= round(p 2^16), P(keep) = 1 - p to 2^-16. The backward is the
-// same call on the gradient with the same seed. x contiguous float32; returns x * keep / (1 - p).
+// Counter-based random numbers: the value for counter c is a hash of c keyed by a seed (two lowbias32
+// rounds), so any element can be drawn again, in any order and on any thread, without storing it.
 typedef unsigned int v8u __attribute__((vector_size(32)));
 
 inline v8u mix32(v8u x) {
@@ -747,6 +745,27 @@ inline v8u mix32(v8u x) {
   return x;
 }
 
+// Keys of a counter-based hash from a seed (splitmix64: nearby seeds give unrelated keys).
+inline void hash_keys(int64_t seed, unsigned& k0, unsigned& k1) {
+  uint64_t key = static_cast<uint64_t>(seed) + 0x9e3779b97f4a7c15ull;
+  key = (key ^ (key >> 30)) * 0xbf58476d1ce4e5b9ull;
+  key = (key ^ (key >> 27)) * 0x94d049bb133111ebull;
+  key ^= key >> 31;
+  k0 = static_cast<unsigned>(key);
+  k1 = static_cast<unsigned>(key >> 32);
+}
+
+// 8 hashes of the counters c, c + 1, ..., c + 7 (64-bit c)
+inline v8u hash8(uint64_t c, unsigned k0, unsigned k1) {
+  const v8u lane = v8u{0, 1, 2, 3, 4, 5, 6, 7};
+  const v8u x = v8u{0, 0, 0, 0, 0, 0, 0, 0} + static_cast<unsigned>(c) + lane;
+  return mix32(mix32(x ^ k0) ^ (k1 + static_cast<unsigned>(c >> 32) * 0x9e3779b9u));
+}
+
+// Dropout whose mask is a function of (seed, element index) instead of a stored mask or a sequential
+// generator. 16-bit uniforms, two per 32-bit hash: an element is kept when its uniform is >= round(p 2^16),
+// P(keep) = 1 - p to 2^-16. The backward is the same call on the gradient with the same seed. x contiguous
+// float32; returns x * keep / (1 - p).
 torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32, "dropout takes a contiguous float32 tensor");
   check_cpu({&x});
@@ -755,19 +774,13 @@ torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
   const int64_t n = x.numel();
   const unsigned thr = static_cast<unsigned>(std::llround(p * 65536.0));
   const v8 scale = splat(static_cast<float>(1.0 / (1.0 - p)));
-  uint64_t key = static_cast<uint64_t>(seed) + 0x9e3779b97f4a7c15ull;  // splitmix64: nearby seeds, unrelated keys
-  key = (key ^ (key >> 30)) * 0xbf58476d1ce4e5b9ull;
-  key = (key ^ (key >> 27)) * 0x94d049bb133111ebull;
-  key ^= key >> 31;
-  const unsigned k0 = static_cast<unsigned>(key), k1 = static_cast<unsigned>(key >> 32);
+  unsigned k0, k1;
+  hash_keys(seed, k0, k1);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const v8u lane = v8u{0, 1, 2, 3, 4, 5, 6, 7};
   at::parallel_for(0, (n + 15) / 16, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {  // elements 16 blk .. 16 blk + 15: 8 hashes
-      const uint64_t counter = static_cast<uint64_t>(blk) * 8;
-      const v8u c = v8u{0, 0, 0, 0, 0, 0, 0, 0} + static_cast<unsigned>(counter) + lane;
-      const v8u h = mix32(mix32(c ^ k0) ^ (k1 + static_cast<unsigned>(counter >> 32) * 0x9e3779b9u));
+      const v8u h = hash8(static_cast<uint64_t>(blk) * 8, k0, k1);
       const v8i keep_lo = (v8i)((h & 0xffffu) >= thr), keep_hi = (v8i)((h >> 16) >= thr);
       const int64_t e = blk * 16;
       if (e + 16 <= n) {
@@ -785,6 +798,173 @@ torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
     }
   });
   return out;
+}
+
+// Negative r of position n: item 1 + floor(h * I / 2^32) for the hash h of counter n * R + r (uniform on
+// 1..I up to I / 2^32). R values into out.
+inline void negatives_of(int64_t n, int64_t R, int64_t I, unsigned k0, unsigned k1, int32_t* out) {
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const v8u h = hash8(static_cast<uint64_t>(n) * R + r0, k0, k1);
+    for (int64_t r = r0; r < std::min<int64_t>(R, r0 + 8); ++r)
+      out[r] = 1 + static_cast<int32_t>((static_cast<uint64_t>(h[r - r0]) * static_cast<uint64_t>(I)) >> 32);
+  }
+}
+
+// The negatives sampled_softmax draws for a seed: (N, R) int64 in 1..num_items.
+torch::Tensor hashed_negatives(int64_t N, int64_t R, int64_t num_items, int64_t seed) {
+  TORCH_CHECK(N >= 0 && R > 0 && num_items > 0 && num_items < (int64_t{1} << 31), "bad negative sampling sizes");
+  unsigned k0, k1;
+  hash_keys(seed, k0, k1);
+  auto out = torch::empty({N, R}, torch::kInt64);
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> neg(R);
+    for (int64_t n = begin; n < end; ++n) {
+      negatives_of(n, R, num_items, k0, k1, neg.data());
+      for (int64_t r = 0; r < R; ++r) op[n * R + r] = neg[r];
+    }
+  });
+  return out;
+}
+
+template <int NV>
+inline float dot_row(const v8 (&a)[NV], const float* row) {
+  v8 acc = a[0] * load(row);
+  for (int c = 1; c < NV; ++c) acc += a[c] * load(row + 8 * c);
+  return hsum(acc);
+}
+
+// Sampled-softmax cross-entropy, mean over N positions, and its gradients, in one pass:
+//   logits_n = [q_n . items[t_n], q_n . items[j] for the R negatives j of n that are not t_n] / T
+//   loss = mean_n (logsumexp(logits_n) - logits_n[0])
+// with negatives drawn by hash (hashed_negatives with the same seed). Dp = D rounded up to whole vectors:
+// q and items are copied into zero-padded rows once; each thread takes a contiguous share of positions and
+// accumulates the item gradient in its own (I + 1, Dp) buffer, summed at the end. Returns loss (0-dim),
+// dq (N, D), ditems (I + 1, D).
+template <int NV>
+std::vector<torch::Tensor> sampled_softmax_impl(const torch::Tensor& q, const torch::Tensor& items,
+                                                const torch::Tensor& targets, int64_t R, double temperature,
+                                                int64_t seed) {
+  constexpr int64_t Dp = 8 * NV;
+  const int64_t N = q.size(0), D = q.size(1), I1 = items.size(0);
+  unsigned k0, k1;
+  hash_keys(seed, k0, k1);
+  std::vector<float> qp(N * Dp, 0.0f), ip(I1 * Dp, 0.0f);
+  const float* qs = q.data_ptr<float>();
+  const float* is = items.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) std::memcpy(qp.data() + n * Dp, qs + n * D, D * sizeof(float));
+  for (int64_t i = 0; i < I1; ++i) std::memcpy(ip.data() + i * Dp, is + i * D, D * sizeof(float));
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(tp[n] >= 1 && tp[n] < I1, "target ", tp[n], " is not an item id in 1..", I1 - 1);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 255) / 256));
+  std::vector<std::vector<float>> dit(workers);
+  std::vector<double> losses(workers, 0.0);
+  std::vector<float> dqp(N * Dp);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float scale = 1.0f / static_cast<float>(std::max<int64_t>(N, 1));  // mean over positions
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      auto& di = dit[w];
+      di.assign(I1 * Dp, 0.0f);
+      std::vector<int32_t> neg(R);
+      std::vector<float> logit(R);
+      double total = 0.0;
+      for (int64_t n = N * w / workers; n < N * (w + 1) / workers; ++n) {
+        const int64_t t = tp[n];
+        v8 qv[NV];
+        for (int c = 0; c < NV; ++c) qv[c] = load(qp.data() + n * Dp + 8 * c);
+        negatives_of(n, R, I1 - 1, k0, k1, neg.data());
+        const float pos = dot_row<NV>(qv, ip.data() + t * Dp) * inv_t;
+        float top = pos;
+        for (int64_t r = 0; r < R; ++r) {
+          if (r + 8 < R) __builtin_prefetch(ip.data() + neg[r + 8] * Dp);
+          logit[r] = neg[r] == t ? -INFINITY : dot_row<NV>(qv, ip.data() + neg[r] * Dp) * inv_t;
+          top = std::max(top, logit[r]);
+        }
+        float z = std::exp(pos - top);
+        int64_t r = 0;
+        for (; r + 8 <= R; r += 8) {  // exp8 takes [-87, 88]: below, exp is 0 to float precision anyway
+          const v8 x = load(logit.data() + r) - splat(top);
+          const v8 e = exp8(vmax(x, splat(-87.0f)));
+          store(logit.data() + r, x < splat(-87.0f) ? splat(0.0f) : e);  // 0 for hits (-inf)
+        }
+        for (; r < R; ++r) logit[r] = std::exp(logit[r] - top);
+        for (r = 0; r < R; ++r) z += logit[r];
+        total += std::log(z) + top - pos;
+        // d loss_n / d logit: softmax - one-hot(0); times 1 / T for the dot products, 1 / N for the mean
+        const float g0 = (std::exp(pos - top) / z - 1.0f) * inv_t * scale;
+        const float gz = inv_t * scale / z;
+        v8 dq[NV];
+        const float* rowt = ip.data() + t * Dp;
+        float* dt = di.data() + t * Dp;
+        for (int c = 0; c < NV; ++c) {
+          dq[c] = splat(g0) * load(rowt + 8 * c);
+          store(dt + 8 * c, load(dt + 8 * c) + splat(g0) * qv[c]);
+        }
+        for (r = 0; r < R; ++r) {
+          if (r + 8 < R) __builtin_prefetch(di.data() + neg[r + 8] * Dp);
+          if (logit[r] == 0.0f) continue;  // accidental hit (or underflow: no gradient either way)
+          const v8 g = splat(logit[r] * gz);
+          const float* row = ip.data() + neg[r] * Dp;
+          float* dr = di.data() + neg[r] * Dp;
+          for (int c = 0; c < NV; ++c) {
+            dq[c] += g * load(row + 8 * c);
+            store(dr + 8 * c, load(dr + 8 * c) + g * qv[c]);
+          }
+        }
+        for (int c = 0; c < NV; ++c) store(dqp.data() + n * Dp + 8 * c, dq[c]);
+      }
+      losses[w] = total;
+    }
+  });
+  auto dq = torch::empty({N, D}, q.options());
+  auto ditems = torch::empty({I1, D}, items.options());
+  float* dqo = dq.data_ptr<float>();
+  float* dio = ditems.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) std::memcpy(dqo + n * D, dqp.data() + n * Dp, D * sizeof(float));
+  at::parallel_for(0, I1, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t d = 0; d < D; ++d) {
+        float sum = 0.0f;
+        for (int64_t w = 0; w < workers; ++w) sum += dit[w][i * Dp + d];
+        dio[i * D + d] = sum;
+      }
+  });
+  double total = 0.0;
+  for (double l : losses) total += l;
+  return {torch::full({}, static_cast<float>(total / std::max<int64_t>(N, 1)), q.options()), dq, ditems};
+}
+
+std::vector<torch::Tensor> sampled_softmax(torch::Tensor q, torch::Tensor items, torch::Tensor targets,
+                                           int64_t num_negatives, double temperature, int64_t seed) {
+  TORCH_CHECK(q.dim() == 2 && items.dim() == 2 && q.size(1) == items.size(1) && q.is_contiguous() &&
+              items.is_contiguous() && q.scalar_type() == torch::kFloat32 && items.scalar_type() == torch::kFloat32,
+              "q (N, D) and items (I + 1, D) must be contiguous float32 tensors");
+  check_cpu({&q, &items, &targets});
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == q.size(0) && targets.scalar_type() == torch::kInt64 &&
+              targets.is_contiguous(), "targets must be a contiguous int64 (N,) tensor");
+  TORCH_CHECK(num_negatives > 0 && items.size(0) >= 2 && items.size(0) <= (int64_t{1} << 31) && temperature > 0,
+              "bad sampled softmax arguments");
+  switch ((q.size(1) + 7) / 8) {
+    case 1: return sampled_softmax_impl<1>(q, items, targets, num_negatives, temperature, seed);
+    case 2: return sampled_softmax_impl<2>(q, items, targets, num_negatives, temperature, seed);
+    case 3: return sampled_softmax_impl<3>(q, items, targets, num_negatives, temperature, seed);
+    case 4: return sampled_softmax_impl<4>(q, items, targets, num_negatives, temperature, seed);
+    case 5: return sampled_softmax_impl<5>(q, items, targets, num_negatives, temperature, seed);
+    case 6: return sampled_softmax_impl<6>(q, items, targets, num_negatives, temperature, seed);
+    case 7: return sampled_softmax_impl<7>(q, items, targets, num_negatives, temperature, seed);
+    case 8: return sampled_softmax_impl<8>(q, items, targets, num_negatives, temperature, seed);
+    case 9: return sampled_softmax_impl<9>(q, items, targets, num_negatives, temperature, seed);
+    case 10: return sampled_softmax_impl<10>(q, items, targets, num_negatives, temperature, seed);
+    case 11: return sampled_softmax_impl<11>(q, items, targets, num_negatives, temperature, seed);
+    case 12: return sampled_softmax_impl<12>(q, items, targets, num_negatives, temperature, seed);
+    case 13: return sampled_softmax_impl<13>(q, items, targets, num_negatives, temperature, seed);
+    case 14: return sampled_softmax_impl<14>(q, items, targets, num_negatives, temperature, seed);
+    case 15: return sampled_softmax_impl<15>(q, items, targets, num_negatives, temperature, seed);
+    case 16: return sampled_softmax_impl<16>(q, items, targets, num_negatives, temperature, seed);
+    default: TORCH_CHECK(false, "the compiled sampled softmax takes D <= 128");
+  }
 }
 
 bool built_with_openmp() {
@@ -807,6 +987,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm", &layer_norm, "LayerNorm without affine over the last dimension (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
   m.def("hashed_dropout", &hashed_dropout, "dropout with a mask hashed from (seed, index) (CPU, float32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("hashed_negatives", &hashed_negatives, "the negatives sampled_softmax draws for a seed (N, R)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sampled_softmax", &sampled_softmax,
+        "sampled-softmax loss and its gradients with hashed uniform negatives (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
   m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for can use more than one thread");
 }
