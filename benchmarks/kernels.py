@@ -10,8 +10,13 @@ both minima and the ratio of the medians:
 - attention forward: ``causal_silu_attention`` without autograd (the attention kernel vs the stock tiles);
 - HSTU-large layer at inference: ``HSTULayer.forward`` under ``no_grad`` on packed tokens (the fused
   ``hstu_attention_gate`` vs the stock layer);
-- attention forward + backward: the training path (kernel forward vs the stock tiles' forward; both
-  backwards are the tiles');
+- attention forward + backward: the training path (the kernels' forward and backward vs the stock tiles);
+- sampled softmax, forward + backward: ML-1M shapes (one position per real token of the batch, 128
+  negatives over 3,706 items, D = 50; the kernel's one pass with hashed negatives vs the SDDMM and
+  embedding bags);
+- dropout, forward + backward: p = 0.2 on the (tokens x 50) residual stream (hashed mask vs bulk integers);
+- one HSTU-large training step on the same random batch of ML-1M histories (model, loss and AdamW; every
+  kernel vs none);
 - with ``--eval``: the full-ranking evaluation of the 6,040 ML-1M users by an untrained HSTU-large
   (model forward included, history excluded; prepared data in data/ml-1m, see throughput.py).
 History lengths are drawn from ML-1M's when data/ml-1m exists (else uniform in [20, 200]).
@@ -31,9 +36,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from genrec.models import kernels  # noqa: E402
+from genrec.config import load_config  # noqa: E402
+from genrec.data.batches import TrainLoader, training_batch  # noqa: E402
+from genrec.eval.ranking import evaluate_model  # noqa: E402
+from genrec.losses import Loss, sampled_softmax  # noqa: E402
+from genrec.models import build_model, kernels  # noqa: E402
 from genrec.models.hstu import HSTUConfig, HSTULayer, causal_silu_attention  # noqa: E402
-from genrec.models.layers import Tokens  # noqa: E402
+from genrec.models.layers import Tokens, dropout  # noqa: E402
+from genrec.train.trainer import item_counts, load_data, seed_everything, train_step  # noqa: E402
 
 
 def lengths_for(users: int, data: Path, max_len: int, rng: np.random.Generator) -> torch.Tensor:
@@ -123,13 +133,40 @@ def main() -> None:
                                                                            args.repeats)))
     print(lines[-1], flush=True)
 
-    if args.eval:
-        from genrec.config import load_config
-        from genrec.eval.ranking import evaluate_model
-        from genrec.losses import Loss
-        from genrec.models import build_model
-        from genrec.train.trainer import item_counts, load_data, seed_everything
+    tokens_n = int(lengths.sum())
+    queries = torch.nn.functional.normalize(torch.randn(tokens_n, 50), dim=-1).requires_grad_(True)
+    table = torch.nn.functional.normalize(torch.randn(3707, 50), dim=-1).requires_grad_(True)
+    targets = torch.randint(1, 3707, (tokens_n,))
 
+    def loss_step():
+        sampled_softmax(queries, targets, table, 3706, 128, 0.05).backward()
+    lines.append(row("sampled softmax, forward + backward (128 negatives)", alternate(loss_step, loss_step,
+                                                                                       args.repeats)))
+    print(lines[-1], flush=True)
+
+    stream = torch.randn(tokens_n, 50, requires_grad=True)
+
+    def dropout_step():
+        dropout(stream, 0.2).sum().backward()
+    lines.append(row("dropout, forward + backward", alternate(dropout_step, dropout_step, args.repeats)))
+    print(lines[-1], flush=True)
+
+    if Path(args.data).exists():
+        config = load_config(str(HERE.parent / "configs" / "ml-1m" / "hstu-large.toml"), [f'data.path="{args.data}"'])
+        seed_everything(0)
+        store, split = load_data(config)
+        model = build_model(config.model, store.num_items).train()
+        loss_fn = Loss(config.loss, store.num_items, item_counts(store, split))
+        opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=tuple(config.train.betas))
+        users = TrainLoader(store, split, config.train.batch_size, config.data.max_len, seed=0).batches(0)[0]
+        batch = training_batch(store, users, split.train_end, config.data.max_len)
+
+        def step():
+            train_step(model, loss_fn, opt, batch)
+        lines.append(row("HSTU-large training step (ML-1M batch of 128)", alternate(step, step, args.repeats)))
+        print(lines[-1], flush=True)
+
+    if args.eval:
         config = load_config(str(HERE.parent / "configs" / "ml-1m" / "hstu-large.toml"), [f'data.path="{args.data}"'])
         seed_everything(0)
         store, split = load_data(config)

@@ -1,4 +1,4 @@
-"""The compiled CPU attention kernel (genrec/models/kernels) against a plain float64 reference and the stock path."""
+"""The compiled CPU kernels (genrec/models/kernels) against plain float64 references and the stock path."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.data.batches import Batch
 from genrec.models import HSTU, kernels
-from genrec.models.hstu import HSTUConfig, causal_silu_attention
+from genrec.models.hstu import HSTUConfig, causal_silu_attention, compiled_silu_attention
 
 needs_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available(),
@@ -373,3 +373,49 @@ def test_fused_layer_checks_its_inputs():
                                       1.0, 1.0, 1e-6, False)
     assert last.shape == (3, 6) and last[1].abs().max() == 0
     torch.testing.assert_close(last[[0, 2]], full[[6, 9]])
+
+
+@needs_compiler
+def test_packed_attention_empty_batch_overlapping_rows_and_reproducible_shared_bias_gradient():
+    """An empty batch (a DDP rank's empty slice) trains through the packed path; rows that share tokens are
+    refused; a bias shared by the batch gets the same gradient bit for bit in every run (fixed summation)."""
+    kernel = _built()
+    H, d = 2, 4
+    empty = torch.zeros(0, H, d, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.long)
+    out = compiled_silu_attention(empty, empty, empty, torch.zeros(1, 5, 5), none, none)
+    assert out.shape == (0, H, d)
+    out.sum().backward()
+    assert empty.grad.shape == (0, H, d)
+    x = torch.randn(10, H, d)
+    with pytest.raises(RuntimeError, match="share tokens"):
+        kernel.causal_silu_attention(x, x, x, torch.empty(0), torch.tensor([4, 4]), torch.tensor([0, 3]))
+    g = torch.Generator().manual_seed(8)
+    B, L = 9, 33
+    q, k, v, grad = (torch.randn(B, L, H, d, generator=g) for _ in range(4))
+    bias = torch.randn(1, L, L, generator=g)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [kernel.causal_silu_attention_backward(q, k, v, bias, lengths, torch.empty(0), grad, True)[3]
+                for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@needs_compiler
+def test_hashed_dropout_keeps_nan_and_is_twice_differentiable():
+    kernel = _built()
+    x = torch.full((64,), float("nan"))
+    assert torch.isnan(kernel.hashed_dropout(x, 0.5, 3)).all()  # dropped NaN stays NaN, as in F.dropout
+    from genrec.models.layers import dropout
+    with kernels.use_kernels(True):
+        t = torch.randn(200, requires_grad=True)
+        torch.manual_seed(0)
+        y = dropout(t, 0.3)
+        (g,) = torch.autograd.grad((y ** 2).sum(), t, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), t)
+    keep = (y != 0).float()
+    torch.testing.assert_close(gg, 2 * keep / 0.7 ** 2)  # d/dt of 2 (t m / 0.7) m / 0.7

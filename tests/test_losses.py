@@ -488,3 +488,13 @@ def test_negative_scores_under_bf16_autocast_and_tiny_catalogs(num_items):
     torch.testing.assert_close(negative_scores(q, table, negatives), want)
     got = negative_scores(q.bfloat16(), table.bfloat16(), negatives).float()
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)
+
+
+def test_compiled_sampled_softmax_propagates_nan():
+    if not _compiler():
+        pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
+    q, targets, items = _inputs(N=20, D=11, num_items=40, seed=2)
+    q[3, 0] = float("nan")
+    with kernels.use_kernels(True):
+        loss = sampled_softmax(q, targets, items, 40, 9, 0.1)
+    assert torch.isnan(loss)

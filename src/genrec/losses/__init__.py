@@ -200,7 +200,7 @@ class _CompiledSampledSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, items, targets, num_negatives: int, temperature: float, seed: int, kernel):
         loss, dq, ditems = kernel.sampled_softmax(q.detach().contiguous(), items.detach().contiguous(),
-                                                  targets.contiguous(), num_negatives, temperature, seed)
+                                                  targets.long().contiguous(), num_negatives, temperature, seed)
         ctx.save_for_backward(dq, ditems)
         return loss
 
@@ -217,8 +217,8 @@ COMPILED_ITEM_GRAD_BYTES = 2**28  # the compiled sampled softmax's per-thread it
 def _compiled_sampled_softmax(q: torch.Tensor, items: torch.Tensor, num_items: int, log_q):
     """The compiled extension when it can compute this sampled softmax (CPU float32, no log Q, D <= 128,
     per-thread item-gradient tables within COMPILED_ITEM_GRAD_BYTES), else None."""
-    if (log_q is not None or q.shape[-1] > 128 or items.shape[0] != num_items + 1 or num_items < 1
-            or not kernels.applies(q, items)):
+    if (log_q is not None or not 1 <= q.shape[-1] <= 128 or items.shape[0] != num_items + 1 or num_items < 1
+            or len(q) == 0 or not kernels.applies(q, items)):
         return None
     padded = (q.shape[-1] + 7) // 8 * 8
     if items.shape[0] * padded * 4 * torch.get_num_threads() > COMPILED_ITEM_GRAD_BYTES:
@@ -235,7 +235,7 @@ def sampled_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
                     num_negatives: int, temperature: float, log_q: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     N = len(q)
-    if (kernel := _compiled_sampled_softmax(q, items, num_items, log_q)) is not None:
+    if num_negatives >= 1 and (kernel := _compiled_sampled_softmax(q, items, num_items, log_q)) is not None:
         # negatives drawn by hash from a seed (kernel.hashed_negatives(N, R, num_items, seed) lists them)
         return _CompiledSampledSoftmax.apply(q, items, targets, num_negatives, temperature, draw_seed(generator),
                                              kernel)

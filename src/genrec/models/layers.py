@@ -59,8 +59,8 @@ class _HashedDropout(torch.autograd.Function):
         return kernel.hashed_dropout(x, p, seed)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.kernel.hashed_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None, None
+    def backward(ctx, grad: torch.Tensor):  # dropout is linear: its backward is itself (so twice differentiable)
+        return _HashedDropout.apply(grad.contiguous(), ctx.p, ctx.seed, ctx.kernel), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

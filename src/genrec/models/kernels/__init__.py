@@ -2,8 +2,10 @@
 
 ``silu_attention()`` returns the extension built from ``silu_attention.cpp`` (float32, CPU): HSTU's
 causal SiLU attention forward and backward (``causal_silu_attention[_backward]``, training included,
-in the (B, L) grid or on packed tokens), and at inference the middle of a layer
-(``hstu_attention_gate``) and its input norm (``layer_norm``). It returns None when the extension cannot
+in the (B, L) grid or on packed tokens), at inference the middle of a layer (``hstu_attention_gate``)
+and its input norm (``layer_norm``), and for every model's training a dropout whose mask is hashed from
+a seed (``hashed_dropout``, genrec/models/layers.py) and the sampled-softmax loss with its gradients in
+one pass (``sampled_softmax``, ``hashed_negatives``; genrec/losses). It returns None when the extension cannot
 be used; callers then take the stock PyTorch path, which computes the same functions
 (tests/test_kernels.py checks that they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and says so on stderr.
@@ -70,7 +72,7 @@ def _build():
     name = f"genrec_silu_attention_{_cpu_fingerprint()}"
     build_dir = Path(cpp_extension._get_build_directory(name, False))
     if not any(build_dir.glob(f"{name}*.so")):
-        print("genrec: compiling the CPU attention kernel (once per machine, about a minute; "
+        print("genrec: compiling the CPU kernels (attention, loss, dropout; once per machine, about a minute; "
               "GENREC_KERNELS=off skips it)", file=sys.stderr, flush=True)
     # PyTorch guards the build directory with a lock file that a killed process leaves behind, after which
     # every later load waits forever. genrec's processes take an flock first (the OS releases it when its
@@ -105,8 +107,8 @@ def _decide(current: str) -> dict:
         error = f"{type(exc).__name__}: {exc}"
         if current == "require":
             raise RuntimeError(f"GENREC_KERNELS=require but the CPU kernel did not build: {exc}") from exc
-        warnings.warn(f"genrec's CPU attention kernel did not build ({error.splitlines()[0]}); using the stock "
-                      "PyTorch path (same results, slower). Set GENREC_KERNELS=off to skip the attempt.",
+        warnings.warn(f"genrec's CPU kernels did not build ({error.splitlines()[0]}); using the stock "
+                      "PyTorch path (the same computations, slower). Set GENREC_KERNELS=off to skip the attempt.",
                       RuntimeWarning, stacklevel=3)
         return {"module": None, "error": error}
 

@@ -509,8 +509,9 @@ void check_bias(const torch::Tensor& bias, int64_t B, int64_t L) {
 }
 
 // Where each batch row's positions are in q, k, v, grad and the outputs. Either the (B, L, H, d) grid (row b
-// at b * stride(0), positions stride(1) apart, heads stride(2)) or packed tokens (N, H, d) with ``starts``
-// (row b's positions are tokens starts[b] ..., stride(0) apart, heads stride(1)). Checks shapes and dtypes.
+// at b * stride(0), positions stride(1) apart, heads stride(2)) or, for 3-dimensional q, packed tokens
+// (N, H, d) with ``starts`` (row b's positions are tokens starts[b] ..., stride(0) apart, heads stride(1)).
+// Checks shapes, dtypes and that packed rows do not overlap.
 struct Rows {
   bool packed = false;
   int64_t B = 0, L = 0, H = 0, N = 0;  // L: positions per grid row, or the longest packed row
@@ -532,7 +533,7 @@ struct Rows {
 Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor* grad,
              const torch::Tensor& lengths, const torch::Tensor& starts) {
   Rows r;
-  r.packed = starts.numel() > 0;
+  r.packed = q.dim() == 3;
   const int64_t dims = r.packed ? 3 : 4;
   const char* shape = r.packed ? "(N, H, d) with starts" : "(B, L, H, d)";
   for (const auto* t : {&q, &k, &v, grad}) {
@@ -540,7 +541,7 @@ Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
     TORCH_CHECK(t->dim() == dims, "q, k, v", grad ? ", grad" : "", " must be ", shape);
     TORCH_CHECK(t->scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
     TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
-    TORCH_CHECK(t->size(dims - 1) <= 1 || t->stride(dims - 1) == 1, "the last dimension of q, k, v",
+    TORCH_CHECK(t->numel() == 0 || t->size(dims - 1) <= 1 || t->stride(dims - 1) == 1, "the last dimension of q, k, v",
                 grad ? ", grad" : "", " must be contiguous");
   }
   TORCH_CHECK(lengths.device().is_cpu() && starts.device().is_cpu(), "lengths and starts must be CPU tensors");
@@ -567,6 +568,12 @@ Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
       r.L = std::max(r.L, lp[b]);
       total += lp[b];
     }
+    std::vector<int64_t> by_start(r.B);
+    for (int64_t b = 0; b < r.B; ++b) by_start[b] = b;
+    std::sort(by_start.begin(), by_start.end(), [&](int64_t x, int64_t y) { return sp[x] < sp[y]; });
+    for (int64_t i = 1; i < r.B; ++i)
+      TORCH_CHECK(sp[by_start[i]] >= sp[by_start[i - 1]] + lp[by_start[i - 1]], "batch rows ", by_start[i - 1],
+                  " and ", by_start[i], " share tokens");
     r.covered = total == r.N;
   } else {
     r.L = q.size(1);
@@ -586,9 +593,9 @@ const float* bias_of(const torch::Tensor& bias, int64_t b) {
 
 // q, k: (B, L, H, dqk), v: (B, L, H, dv), float32, last dimension contiguous (views of one projection are
 // fine); bias: (B or 1, Lb, Lb), Lb >= L, contiguous, or an empty tensor; lengths: (B,) integers. Returns
-// (B, L, H, dv), zero at padding positions. With ``starts`` (B,) (not empty): packed tokens instead, q, k
-// (N, H, dqk), v (N, H, dv), row b's positions at tokens starts[b] .. starts[b] + lengths[b] - 1; returns
-// (N, H, dv) (zero at tokens of no row).
+// (B, L, H, dv), zero at padding positions; ``starts`` is then ignored (pass an empty tensor). With q, k
+// (N, H, dqk), v (N, H, dv): packed tokens instead, row b's positions at tokens starts[b] .. starts[b] +
+// lengths[b] - 1 (rows may not share tokens); returns (N, H, dv) (zero at tokens of no row).
 torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
                                     torch::Tensor lengths, torch::Tensor starts) {
   const Rows rows = rows_of(q, k, v, nullptr, lengths, starts);
@@ -609,8 +616,10 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
 // The gradients of causal_silu_attention: grad (the output's layout and shape) float32 with a contiguous last
 // dimension; the other arguments as the forward's. Returns dq, dk, dv in the layout of q, k, v (contiguous;
 // zero at padding positions) and, when bias_grad and a bias is given, dbias shaped as the bias (otherwise an
-// empty tensor). One task per batch row (its heads in turn, so a per-row bias gradient has one writer); a
-// bias shared by the batch gets one gradient buffer per thread, summed at the end.
+// empty tensor). One task per batch row (its heads in turn, so a per-row bias gradient has one writer),
+// handed out longest first as threads free up; a bias shared by the batch gets one gradient buffer per
+// worker slot, summed at the end, and then rows go to slots round-robin (a fixed summation order: the
+// same gradient in every run with the same number of threads).
 std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor bias, torch::Tensor lengths,
                                                           torch::Tensor starts, torch::Tensor grad,
@@ -634,10 +643,19 @@ std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch
   std::vector<torch::Tensor> partial;
   for (int64_t w = 1; shared && w < workers; ++w) partial.push_back(torch::zeros({Lb, Lb}, q.options()));
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t slot, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t slot, int64_t slot_end) {
     std::vector<float> buf;
     float* db_shared = shared ? (slot == 0 ? dbias.data_ptr<float>() : partial[slot - 1].data_ptr<float>()) : nullptr;
-    for (int64_t t = next++; t < B; t = next++) {
+    // shared: slots [slot, slot_end) of this thread (all of them when parallel_for runs inline) in turn
+    auto first = [&]() { return shared ? slot : next++; };
+    auto after = [&](int64_t t) {
+      if (!shared) return next++;
+      if (t + workers < B) return t + workers;
+      if (++slot >= slot_end) return B;
+      db_shared = partial[slot - 1].data_ptr<float>();
+      return slot;
+    };
+    for (int64_t t = first(); t < B; t = after(t)) {
       const int64_t b = order[t];
       float* db = !want_dbias ? nullptr : shared ? db_shared : const_cast<float*>(bias_of(dbias, b));
       for (int64_t h = 0; h < H; ++h)
@@ -732,8 +750,11 @@ torch::Tensor layer_norm(torch::Tensor x, double eps) {
   return out;
 }
 
+namespace {
+
 // Counter-based random numbers: the value for counter c is a hash of c keyed by a seed (two lowbias32
 // rounds), so any element can be drawn again, in any order and on any thread, without storing it.
+// Counters are always multiples of 8 plus the lane, so the low 32 bits never wrap inside a vector.
 typedef unsigned int v8u __attribute__((vector_size(32)));
 
 inline v8u mix32(v8u x) {
@@ -755,12 +776,14 @@ inline void hash_keys(int64_t seed, unsigned& k0, unsigned& k1) {
   k1 = static_cast<unsigned>(key >> 32);
 }
 
-// 8 hashes of the counters c, c + 1, ..., c + 7 (64-bit c)
+// 8 hashes of the counters c, c + 1, ..., c + 7 (64-bit c, a multiple of 8)
 inline v8u hash8(uint64_t c, unsigned k0, unsigned k1) {
   const v8u lane = v8u{0, 1, 2, 3, 4, 5, 6, 7};
   const v8u x = v8u{0, 0, 0, 0, 0, 0, 0, 0} + static_cast<unsigned>(c) + lane;
   return mix32(mix32(x ^ k0) ^ (k1 + static_cast<unsigned>(c >> 32) * 0x9e3779b9u));
 }
+
+}  // namespace
 
 // Dropout whose mask is a function of (seed, element index) instead of a stored mask or a sequential
 // generator. 16-bit uniforms, two per 32-bit hash: an element is kept when its uniform is >= round(p 2^16),
@@ -781,18 +804,18 @@ torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
   at::parallel_for(0, (n + 15) / 16, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {  // elements 16 blk .. 16 blk + 15: 8 hashes
       const v8u h = hash8(static_cast<uint64_t>(blk) * 8, k0, k1);
-      const v8i keep_lo = (v8i)((h & 0xffffu) >= thr), keep_hi = (v8i)((h >> 16) >= thr);
+      // multiplied by 0 or 1 / (1 - p), not selected: a dropped NaN or inf stays NaN, as in F.dropout
+      const v8 m_lo = (v8i)((h & 0xffffu) >= thr) ? scale : splat(0.0f);
+      const v8 m_hi = (v8i)((h >> 16) >= thr) ? scale : splat(0.0f);
       const int64_t e = blk * 16;
       if (e + 16 <= n) {
-        const v8 a = load(xp + e) * scale, b = load(xp + e + 8) * scale;
-        store(op + e, keep_lo ? a : splat(0.0f));
-        store(op + e + 8, keep_hi ? b : splat(0.0f));
+        store(op + e, load(xp + e) * m_lo);
+        store(op + e + 8, load(xp + e + 8) * m_hi);
       } else {
         float t[16] = {0};
         std::memcpy(t, xp + e, (n - e) * sizeof(float));
-        const v8 a = load(t) * scale, b = load(t + 8) * scale;
-        store(t, keep_lo ? a : splat(0.0f));
-        store(t + 8, keep_hi ? b : splat(0.0f));
+        store(t, load(t) * m_lo);
+        store(t + 8, load(t + 8) * m_hi);
         std::memcpy(op + e, t, (n - e) * sizeof(float));
       }
     }
@@ -800,15 +823,20 @@ torch::Tensor hashed_dropout(torch::Tensor x, double p, int64_t seed) {
   return out;
 }
 
-// Negative r of position n: item 1 + floor(h * I / 2^32) for the hash h of counter n * R + r (uniform on
-// 1..I up to I / 2^32). R values into out.
+namespace {
+
+// Negative r of position n: item 1 + floor(h * I / 2^32) for the hash h of counter n * Rp + r, Rp = R rounded
+// up to a multiple of 8 (uniform on 1..I up to I / 2^32). R values into out.
 inline void negatives_of(int64_t n, int64_t R, int64_t I, unsigned k0, unsigned k1, int32_t* out) {
+  const uint64_t Rp = static_cast<uint64_t>((R + 7) / 8 * 8);
   for (int64_t r0 = 0; r0 < R; r0 += 8) {
-    const v8u h = hash8(static_cast<uint64_t>(n) * R + r0, k0, k1);
+    const v8u h = hash8(static_cast<uint64_t>(n) * Rp + r0, k0, k1);
     for (int64_t r = r0; r < std::min<int64_t>(R, r0 + 8); ++r)
       out[r] = 1 + static_cast<int32_t>((static_cast<uint64_t>(h[r - r0]) * static_cast<uint64_t>(I)) >> 32);
   }
 }
+
+}  // namespace
 
 // The negatives sampled_softmax draws for a seed: (N, R) int64 in 1..num_items.
 torch::Tensor hashed_negatives(int64_t N, int64_t R, int64_t num_items, int64_t seed) {
@@ -826,6 +854,8 @@ torch::Tensor hashed_negatives(int64_t N, int64_t R, int64_t num_items, int64_t 
   });
   return out;
 }
+
+namespace {
 
 template <int NV>
 inline float dot_row(const v8 (&a)[NV], const float* row) {
@@ -877,10 +907,17 @@ std::vector<torch::Tensor> sampled_softmax_impl(const torch::Tensor& q, const to
         negatives_of(n, R, I1 - 1, k0, k1, neg.data());
         const float pos = dot_row<NV>(qv, ip.data() + t * Dp) * inv_t;
         float top = pos;
+        bool nan = std::isnan(pos);
         for (int64_t r = 0; r < R; ++r) {
           if (r + 8 < R) __builtin_prefetch(ip.data() + neg[r + 8] * Dp);
           logit[r] = neg[r] == t ? -INFINITY : dot_row<NV>(qv, ip.data() + neg[r] * Dp) * inv_t;
           top = std::max(top, logit[r]);
+          nan |= std::isnan(logit[r]);
+        }
+        if (nan) {  // a NaN score: the loss and this position's gradient are NaN, as in the stock path
+          total += NAN;
+          for (int c = 0; c < NV; ++c) store(dqp.data() + n * Dp + 8 * c, splat(NAN));
+          continue;
         }
         float z = std::exp(pos - top);
         int64_t r = 0;
@@ -935,6 +972,8 @@ std::vector<torch::Tensor> sampled_softmax_impl(const torch::Tensor& q, const to
   for (double l : losses) total += l;
   return {torch::full({}, static_cast<float>(total / std::max<int64_t>(N, 1)), q.options()), dq, ditems};
 }
+
+}  // namespace
 
 std::vector<torch::Tensor> sampled_softmax(torch::Tensor q, torch::Tensor items, torch::Tensor targets,
                                            int64_t num_negatives, double temperature, int64_t seed) {
