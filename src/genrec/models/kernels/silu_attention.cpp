@@ -353,7 +353,12 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
       if (dbias)
         for (int r = 0; r < QB && i0 + r < n; ++r) {
           float* row = dbias + (i0 + r) * bias_stride + j0;
-          const int64_t cols = std::min<int64_t>(i0 + r - j0 + 1, bcols);  // ds is zero right of the diagonal
+          if (bcols == KB) {  // whole vectors (ds is zero right of the diagonal: adding it changes nothing)
+            store(row, load(row) + load(dsb + r * KB));
+            store(row + 8, load(row + 8) + load(dsb + r * KB + 8));
+            continue;
+          }
+          const int64_t cols = std::min<int64_t>(i0 + r - j0 + 1, bcols);
           for (int64_t jj = 0; jj < cols; ++jj) row[jj] += dsb[r * KB + jj];
         }
       // dq += ds k, whole vectors of columns 32 at a time
