@@ -76,7 +76,18 @@ def _softmax_pass(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, t
     return total / n, None, None
 
 
-class _FullSoftmax(torch.autograd.Function):
+class _GradientsInForward(torch.autograd.Function):
+    """Base of the losses whose forward returns the scalar loss and saves ``dq, ditems`` (the gradients of
+    its first two inputs, queries and item table): backward only scales them by the upstream gradient."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        dq, ditems = ctx.saved_tensors
+        return (dq * grad, ditems * grad) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class _FullSoftmax(_GradientsInForward):
     """Full-softmax cross-entropy whose gradients are made in the forward pass.
 
     The loss is a scalar, so its gradients are known up to the upstream scale as soon as the softmax
@@ -96,12 +107,6 @@ class _FullSoftmax(torch.autograd.Function):
         loss, dq, ditems = _softmax_pass(q, items, targets, temperature, chunk_size, grads=True)
         ctx.save_for_backward(dq, ditems)
         return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        dq, ditems = ctx.saved_tensors
-        return dq * grad, ditems * grad, None, None, None
 
 
 def full_softmax(q: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, temperature: float,
@@ -192,7 +197,7 @@ def negative_scores(q: torch.Tensor, items: torch.Tensor, negatives: torch.Tenso
     return _gathered_scores(q, items, negatives)
 
 
-class _CompiledSampledSoftmax(torch.autograd.Function):
+class _CompiledSampledSoftmax(_GradientsInForward):
     """The compiled kernel's sampled softmax (genrec/models/kernels): loss and gradients in one pass per
     position (scores of the target and R hashed negatives, softmax, the query's gradient in registers, the
     item gradient into a per-thread table), like ``_FullSoftmax``. No (N, R) index or score tensor, no sort."""
@@ -203,12 +208,6 @@ class _CompiledSampledSoftmax(torch.autograd.Function):
                                                   targets.long().contiguous(), num_negatives, temperature, seed)
         ctx.save_for_backward(dq, ditems)
         return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        dq, ditems = ctx.saved_tensors
-        return dq * grad, ditems * grad, None, None, None, None, None
 
 
 COMPILED_ITEM_GRAD_BYTES = 2**28  # the compiled sampled softmax's per-thread item-gradient tables, at most

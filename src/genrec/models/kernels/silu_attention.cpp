@@ -20,6 +20,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -102,6 +104,25 @@ inline void weighted_values(const float* w, const float* vrows, float* acc, int6
     for (int r = 0; r < 3; ++r)
       for (int c = 0; c < NV; ++c) store(acc + (r0 + r) * dvp + c * 8, o[r][c]);
   }
+}
+
+// f(std::integral_constant<int, nv>{}) for a runtime nv in [1, MAX]: the one place where a count of vectors
+// becomes the template argument of a register-blocked loop.
+template <int MAX, int NV = 1, typename F>
+inline auto with_vectors(int64_t nv, F&& f) {
+  if constexpr (NV < MAX) {
+    if (nv > NV) return with_vectors<MAX, NV + 1>(nv, std::forward<F>(f));
+  }
+  return f(std::integral_constant<int, NV>{});
+}
+
+// weighted_values over nv whole vectors of columns, 32 at a time (the forward's output, the backward's dq)
+inline void weighted_columns(const float* w, const float* rows, float* acc, int64_t jn, int64_t nv,
+                             int64_t row_stride, int64_t acc_stride) {
+  for (int64_t c0 = 0; c0 < nv; c0 += 4)
+    with_vectors<4>(std::min<int64_t>(4, nv - c0), [&](auto n) {
+      weighted_values<decltype(n)::value>(w, rows + c0 * 8, acc + c0 * 8, jn, row_stride, acc_stride);
+    });
 }
 
 // p[0, count) <- SiLU(p[0, count)), whole vectors and one padded partial vector
@@ -197,15 +218,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
           store(a, load(a) + w0 * load(vt + c * Lp + j0) + w1 * load(vt + c * Lp + j0 + 8));
         }
       }
-      const int64_t jn = std::min<int64_t>(KB, keys - j0);
-      for (int64_t c0 = 0; c0 < nv; c0 += 4) {  // output columns 32 at a time
-        switch (std::min<int64_t>(4, nv - c0)) {
-          case 1: weighted_values<1>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
-          case 2: weighted_values<2>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
-          case 3: weighted_values<3>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
-          default: weighted_values<4>(w, vp + j0 * dvf + c0 * 8, acc_o + c0 * 8, jn, dvf, dvp); break;
-        }
-      }
+      weighted_columns(w, vp + j0 * dvf, acc_o, std::min<int64_t>(KB, keys - j0), nv, dvf, dvp);
     }
     for (int r = 0; r < QB; ++r)
       for (int64_t c = 0; c < dt; ++c) acc_o[r * dvp + dvf + c] = hsum(load(acc_t + (r * dt + c) * 8));
@@ -213,6 +226,38 @@ void attention_task(const float* q, const float* k, const float* v, const float*
       std::memcpy(out + (i0 + r - first) * out_stride, acc_o + r * dvp, dv * sizeof(float));
   }
   for (int64_t i = n; i < zero_rows; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
+}
+
+// a[r] += rows[r, :d] @ colsT[:d, 16 columns] for the QB rows of a block (rows packed d apart; colsT
+// transposed, Lp apart, at the block's first column): the backward's scores and g . v products.
+inline void block_products(const float* rows, const float* colsT, int64_t d, int64_t Lp, v8 (&out)[QB][2]) {
+  v8 a[QB][2];  // local: provably not aliased by the loads, so it stays in registers
+  for (int r = 0; r < QB; ++r) a[r][0] = out[r][0], a[r][1] = out[r][1];
+  for (int64_t c = 0; c < d; ++c) {
+    const v8 x0 = load(colsT + c * Lp), x1 = load(colsT + c * Lp + 8);
+    for (int r = 0; r < QB; ++r) {
+      const v8 rc = splat(rows[r * d + c]);
+      a[r][0] += rc * x0;
+      a[r][1] += rc * x1;
+    }
+  }
+  for (int r = 0; r < QB; ++r) out[r][0] = a[r][0], out[r][1] = a[r][1];
+}
+
+// accT (d x KB, a key block's gradient transposed) += rows[:QB, :d]^T @ w (QB x 16, in registers)
+inline void block_outer(float* accT, const float* rows, int64_t d, const v8 (&weights)[QB][2]) {
+  v8 w[QB][2];  // local: the stores to accT cannot alias it, so it stays in registers
+  for (int r = 0; r < QB; ++r) w[r][0] = weights[r][0], w[r][1] = weights[r][1];
+  for (int64_t c = 0; c < d; ++c) {
+    v8 acc0 = load(accT + c * KB), acc1 = load(accT + c * KB + 8);
+    for (int r = 0; r < QB; ++r) {
+      const v8 rc = splat(rows[r * d + c]);
+      acc0 += rc * w[r][0];
+      acc1 += rc * w[r][1];
+    }
+    store(accT + c * KB, acc0);
+    store(accT + c * KB + 8, acc1);
+  }
 }
 
 // The gradients of one (batch row, head) of causal_silu_attention, given g = dL/d out (same layout as out):
@@ -264,14 +309,7 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
       // g . v for the block
       v8 a[QB][2];
       for (int r = 0; r < QB; ++r) a[r][0] = a[r][1] = splat(0.0f);
-      for (int64_t c = 0; c < dv; ++c) {
-        const v8 v0 = load(vt + c * Lp + j0), v1 = load(vt + c * Lp + j0 + 8);
-        for (int r = 0; r < QB; ++r) {
-          const v8 gc = splat(gp[(i0 + r) * dv + c]);
-          a[r][0] += gc * v0;
-          a[r][1] += gc * v1;
-        }
-      }
+      block_products(gp + i0 * dv, vt + j0, dv, Lp, a);
       for (int r = 0; r < QB; ++r) {
         store(dwb + r * KB, a[r][0]);
         store(dwb + r * KB + 8, a[r][1]);
@@ -292,14 +330,7 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
           s[r][1] = load(bblk + 8);
         }
       }
-      for (int64_t d = 0; d < dqk; ++d) {
-        const v8 k0 = load(kt + d * Lp + j0), k1 = load(kt + d * Lp + j0 + 8);
-        for (int r = 0; r < QB; ++r) {
-          const v8 qd = splat(qp[(i0 + r) * dqk + d]);
-          s[r][0] += qd * k0;
-          s[r][1] += qd * k1;
-        }
-      }
+      block_products(qp + i0 * dqk, kt + j0, dqk, Lp, s);
       // w = SiLU(s) (kept in s), ds = (g . v) SiLU'(s) = (g . v) (sig + w (1 - sig)); zero past the diagonal.
       // Rows past n give zero by themselves: their q, g and bias are zero, so s = 0, w = 0 and g . v = 0.
       const bool masked = j0 + KB > i0 + 1;
@@ -324,32 +355,12 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
                          load(dsb + r * KB + 8) * load(kt + (dqf + c) * Lp + j0 + 8));
         }
       }
-      // dv (transposed) += g^T w, w in registers
-      for (int64_t c = 0; c < dv; ++c) {
-        v8 acc0 = load(dvT + c * KB), acc1 = load(dvT + c * KB + 8);
-        for (int r = 0; r < QB; ++r) {
-          const v8 gc = splat(gp[(i0 + r) * dv + c]);
-          acc0 += gc * s[r][0];
-          acc1 += gc * s[r][1];
-        }
-        store(dvT + c * KB, acc0);
-        store(dvT + c * KB + 8, acc1);
-      }
-      // dk (transposed) += q^T ds
+      block_outer(dvT, gp + i0 * dv, dv, s);  // dv (transposed) += g^T w, w in registers
       for (int r = 0; r < QB; ++r) {
         s[r][0] = load(dsb + r * KB);
         s[r][1] = load(dsb + r * KB + 8);
       }
-      for (int64_t d = 0; d < dqk; ++d) {
-        v8 acc0 = load(dkT + d * KB), acc1 = load(dkT + d * KB + 8);
-        for (int r = 0; r < QB; ++r) {
-          const v8 qd = splat(qp[(i0 + r) * dqk + d]);
-          acc0 += qd * s[r][0];
-          acc1 += qd * s[r][1];
-        }
-        store(dkT + d * KB, acc0);
-        store(dkT + d * KB + 8, acc1);
-      }
+      block_outer(dkT, qp + i0 * dqk, dqk, s);  // dk (transposed) += q^T ds
       if (dbias)
         for (int r = 0; r < QB && i0 + r < n; ++r) {
           float* row = dbias + (i0 + r) * bias_stride + j0;
@@ -361,15 +372,7 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
           const int64_t cols = std::min<int64_t>(i0 + r - j0 + 1, bcols);
           for (int64_t jj = 0; jj < cols; ++jj) row[jj] += dsb[r * KB + jj];
         }
-      // dq += ds k, whole vectors of columns 32 at a time
-      for (int64_t c0 = 0; c0 < nq; c0 += 4) {
-        switch (std::min<int64_t>(4, nq - c0)) {
-          case 1: weighted_values<1>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
-          case 2: weighted_values<2>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
-          case 3: weighted_values<3>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
-          default: weighted_values<4>(dsb, kr + j0 * dqf + c0 * 8, dqa + i0 * dqp + c0 * 8, jn, dqf, dqp); break;
-        }
-      }
+      weighted_columns(dsb, kr + j0 * dqf, dqa + i0 * dqp, jn, nq, dqf, dqp);  // dq += ds k, whole vectors
     }
     for (int64_t jj = 0; jj < jn; ++jj) {
       for (int64_t d = 0; d < dqk; ++d) dk[(j0 + jj) * dk_stride + d] = dkT[d * KB + jj];
@@ -490,17 +493,10 @@ void norm_row_any(const float* x, const float* u, float* y, int64_t C, float sca
 }
 
 void norm_row_dispatch(const float* x, const float* u, float* y, int64_t C, float scale, float eps, float* tmp) {
-  switch ((C + 7) / 8) {
-    case 1: norm_row<1>(x, u, y, C, scale, eps); break;
-    case 2: norm_row<2>(x, u, y, C, scale, eps); break;
-    case 3: norm_row<3>(x, u, y, C, scale, eps); break;
-    case 4: norm_row<4>(x, u, y, C, scale, eps); break;
-    case 5: norm_row<5>(x, u, y, C, scale, eps); break;
-    case 6: norm_row<6>(x, u, y, C, scale, eps); break;
-    case 7: norm_row<7>(x, u, y, C, scale, eps); break;
-    case 8: norm_row<8>(x, u, y, C, scale, eps); break;
-    default: norm_row_any(x, u, y, C, scale, eps, tmp); break;
-  }
+  if (C > 64)
+    norm_row_any(x, u, y, C, scale, eps, tmp);
+  else
+    with_vectors<8>((C + 7) / 8, [&](auto nv) { norm_row<decltype(nv)::value>(x, u, y, C, scale, eps); });
 }
 
 void check_cpu(std::initializer_list<const torch::Tensor*> tensors) {
@@ -990,25 +986,10 @@ std::vector<torch::Tensor> sampled_softmax(torch::Tensor q, torch::Tensor items,
               targets.is_contiguous(), "targets must be a contiguous int64 (N,) tensor");
   TORCH_CHECK(num_negatives > 0 && items.size(0) >= 2 && items.size(0) <= (int64_t{1} << 31) && temperature > 0,
               "bad sampled softmax arguments");
-  switch ((q.size(1) + 7) / 8) {
-    case 1: return sampled_softmax_impl<1>(q, items, targets, num_negatives, temperature, seed);
-    case 2: return sampled_softmax_impl<2>(q, items, targets, num_negatives, temperature, seed);
-    case 3: return sampled_softmax_impl<3>(q, items, targets, num_negatives, temperature, seed);
-    case 4: return sampled_softmax_impl<4>(q, items, targets, num_negatives, temperature, seed);
-    case 5: return sampled_softmax_impl<5>(q, items, targets, num_negatives, temperature, seed);
-    case 6: return sampled_softmax_impl<6>(q, items, targets, num_negatives, temperature, seed);
-    case 7: return sampled_softmax_impl<7>(q, items, targets, num_negatives, temperature, seed);
-    case 8: return sampled_softmax_impl<8>(q, items, targets, num_negatives, temperature, seed);
-    case 9: return sampled_softmax_impl<9>(q, items, targets, num_negatives, temperature, seed);
-    case 10: return sampled_softmax_impl<10>(q, items, targets, num_negatives, temperature, seed);
-    case 11: return sampled_softmax_impl<11>(q, items, targets, num_negatives, temperature, seed);
-    case 12: return sampled_softmax_impl<12>(q, items, targets, num_negatives, temperature, seed);
-    case 13: return sampled_softmax_impl<13>(q, items, targets, num_negatives, temperature, seed);
-    case 14: return sampled_softmax_impl<14>(q, items, targets, num_negatives, temperature, seed);
-    case 15: return sampled_softmax_impl<15>(q, items, targets, num_negatives, temperature, seed);
-    case 16: return sampled_softmax_impl<16>(q, items, targets, num_negatives, temperature, seed);
-    default: TORCH_CHECK(false, "the compiled sampled softmax takes D <= 128");
-  }
+  TORCH_CHECK(q.size(1) >= 1 && q.size(1) <= 128, "the compiled sampled softmax takes 1 <= D <= 128");
+  return with_vectors<16>((q.size(1) + 7) / 8, [&](auto nv) {
+    return sampled_softmax_impl<decltype(nv)::value>(q, items, targets, num_negatives, temperature, seed);
+  });
 }
 
 bool built_with_openmp() {
