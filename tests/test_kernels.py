@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import warnings
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.data.batches import Batch
 from genrec.models import HSTU, kernels
 from genrec.models.hstu import HSTUConfig, causal_silu_attention, compiled_silu_attention
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available(),
+    not kernels.can_build(),
     reason="no C++ compiler (c++ or $CXX) or no ninja on this machine: the kernel cannot be built")
 
 

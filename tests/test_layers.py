@@ -1,16 +1,12 @@
 """The shared building blocks: the fast CPU dropout and SASRec's dropout attention."""
 
 import math
-import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.models import kernels
-
 from genrec.models.layers import Dropout, dropout, keep_mask
 from genrec.models.sasrec import dropout_attention
 
@@ -38,15 +34,11 @@ def test_keep_mask_shapes_and_extremes():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_dropout_forward_backward_and_modes(compiled):
     """Both masks: the bulk-integer one (kernels off) and the compiled hashed one (skipped without a compiler)."""
-    if compiled and not _compiler():
+    if compiled and not kernels.can_build():
         pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled dropout cannot be built")
     with kernels.use_kernels(compiled):
         assert (kernels.silu_attention() is not None) == compiled
         _check_dropout()
-
-
-def _compiler() -> bool:
-    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
 
 
 def _check_dropout():

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import is_ninja_available
 
 from genrec.config import LossConfig
 from genrec.losses import Loss, bce, draw_seed, full_softmax, in_batch, negative_scores, sampled_softmax
@@ -166,7 +163,7 @@ def _sampled_brute(q, targets, items, negatives, temperature, log_q=None):
 def test_sampled_softmax_matches_loop_with_same_negatives(num_items, num_negatives, with_log_q, compiled):
     """Stock path (negatives from torch.randint) and compiled kernel (negatives hashed from a seed drawn from
     the same generator; log Q keeps the stock path) against the per-position loop on the same negatives."""
-    if compiled and not _compiler():
+    if compiled and not kernels.can_build():
         pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
     q, targets, items = _inputs(N=37, D=11, num_items=num_items, seed=1)
     log_q = torch.log_softmax(torch.randn(num_items + 1), 0) if with_log_q else None
@@ -186,13 +183,9 @@ def test_sampled_softmax_matches_loop_with_same_negatives(num_items, num_negativ
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
-def _compiler() -> bool:
-    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
-
-
 def test_hashed_negatives_are_uniform_and_independent():
     """The compiled loss's negatives: every item about equally often, rows of a seed unrelated to the next seed's."""
-    if not _compiler():
+    if not kernels.can_build():
         pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
     with kernels.use_kernels(True):
         kernel = kernels.silu_attention()
@@ -209,7 +202,7 @@ def test_hashed_negatives_are_uniform_and_independent():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_sampled_softmax_uses_global_rng_when_no_generator(monkeypatch, compiled):
-    if compiled and not _compiler():
+    if compiled and not kernels.can_build():
         pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
     with kernels.use_kernels(compiled):
         _check_global_rng(monkeypatch, compiled)
@@ -491,7 +484,7 @@ def test_negative_scores_under_bf16_autocast_and_tiny_catalogs(num_items):
 
 
 def test_compiled_sampled_softmax_propagates_nan():
-    if not _compiler():
+    if not kernels.can_build():
         pytest.skip("no C++ compiler (c++ or $CXX) or no ninja: the compiled loss cannot be built")
     q, targets, items = _inputs(N=20, D=11, num_items=40, seed=2)
     q[3, 0] = float("nan")

@@ -43,6 +43,15 @@ def mode() -> str:
     return value
 
 
+def can_build() -> bool:
+    """Whether this machine has what the build needs: a C++ compiler (``$CXX`` or ``c++``) and ninja."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
 def _cpu_fingerprint() -> str:
     """The CPU's feature flags (what -march=native compiles for), hashed with the source and torch version."""
     flags = platform.machine()
