@@ -373,6 +373,28 @@ def test_fused_layer_checks_its_inputs():
 
 
 @needs_compiler
+@pytest.mark.parametrize("M", [7, 8, 30])  # the longest row is 7: a table of exactly that reach, and longer
+@pytest.mark.parametrize("last_only", [False, True])
+def test_fused_layer_reads_a_relative_position_table_as_the_square_bias(M, last_only):
+    """A (2 M - 1) table gives what its (1, L, L) Toeplitz bias gives (rows of mixed length, one empty)."""
+    kernel = _built()
+    g = torch.Generator().manual_seed(M)
+    uvqk = torch.randn(14, 2 * 2 * 3 + 2 * 2 * 4, generator=g)  # H = 2, dv = 3, dqk = 4
+    starts, lengths = torch.tensor([0, 7, 7, 11]), torch.tensor([7, 0, 4, 3])
+    table = torch.randn(2 * M - 1, generator=g)
+    i, j = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    square = table[j - i + M - 1][None].contiguous()
+    args = (2, 4, 3, 0.5, 0.2, 1e-6, last_only)
+    got = kernel.hstu_attention_gate(uvqk, starts, lengths, table, *args)
+    want = kernel.hstu_attention_gate(uvqk, starts, lengths, square, *args)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for bad in (table[:-1], torch.randn(11)):  # an even size; a table that does not reach back 7 positions
+        with pytest.raises(RuntimeError, match="relative-position table of 2 M - 1 entries"):
+            kernel.hstu_attention_gate(uvqk, starts, lengths, bad, *args)
+
+
+@needs_compiler
 def test_packed_attention_empty_batch_overlapping_rows_and_reproducible_shared_bias_gradient():
     """An empty batch (a DDP rank's empty slice) trains through the packed path; rows that share tokens are
     refused; a bias shared by the batch gets the same gradient bit for bit in every run (fixed summation)."""

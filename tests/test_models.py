@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from genrec.data.batches import Batch
 from genrec.models import HSTU, SASRec, build_model, kernels
 from genrec.models.gru4rec import GRU4RecConfig
-from genrec.models.hstu import HSTUConfig, gather_scalars
+from genrec.models.hstu import HSTUConfig, RelativeBias, gather_scalars, toeplitz
 from genrec.models.mamba4rec import Mamba4RecConfig
 from genrec.models.sasrec import SASRecConfig
 
@@ -363,6 +363,21 @@ def test_hstu_gradients_reach_relative_bias_tables():
         assert layer.rab.time.grad is not None and layer.rab.time.grad.abs().sum() > 0
         # only relative positions j - i <= 0 are ever used: the future half of the table gets no gradient
         assert torch.all(layer.rab.position.grad[cfg.max_len:] == 0)
+
+
+@pytest.mark.parametrize("L, max_len", [(1, 1), (1, 5), (4, 5), (5, 5), (200, 200)])
+def test_toeplitz_equals_the_relative_index_gather(L, max_len):
+    """The inference bias (strided windows) is the training bias (gather at j - i + max_len - 1)."""
+    table = torch.randn(2 * max_len - 1, generator=torch.Generator().manual_seed(L))
+    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    assert torch.equal(toeplitz(table, L), table[j - i + max_len - 1])
+
+
+def test_relative_bias_is_the_same_with_and_without_autograd():
+    rab = RelativeBias(max_len=6, use_time=False, num_buckets=4, base=0.3)
+    with torch.no_grad():
+        inference = rab(5, None)
+    assert torch.equal(inference, rab(5, None).detach())
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 4, 4)])

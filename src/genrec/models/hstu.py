@@ -134,6 +134,14 @@ def _relative_index(L: int, max_len: int, device: torch.device) -> torch.Tensor:
     return (idx[None, :] - idx[:, None]) + max_len - 1
 
 
+def toeplitz(table: torch.Tensor, L: int) -> torch.Tensor:
+    """(L, L) ``table[j - i + M - 1]`` for a (2M - 1) relative-position table, M >= L, without an index:
+    row i is the window of L entries starting at M - 1 - i, so the rows are the table's last-but-M windows
+    in reverse order (one copy of L x L values; a gather reads an (L, L) index as well)."""
+    M = (table.shape[0] + 1) // 2
+    return table.unfold(0, L, 1)[M - L:M].flip(0)
+
+
 @functools.lru_cache(maxsize=64)
 def _lower_ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n, n) lower-triangular ones: the causal keep-mask of a diagonal block (cached, never written)."""
@@ -355,10 +363,11 @@ class RelativeBias(nn.Module):
     def forward(self, L: int, buckets: torch.Tensor | None) -> torch.Tensor:
         if is_static():  # traced with a symbolic L: no cache keyed on it
             idx = torch.arange(L, device=self.position.device)
-            rel = idx[None, :] - idx[:, None] + self.max_len - 1
+            bias = self.position[idx[None, :] - idx[:, None] + self.max_len - 1][None]
+        elif not (torch.is_grad_enabled() and self.position.requires_grad):
+            bias = toeplitz(self.position, L)[None]  # inference: no index tensor (an 8th of a request's time)
         else:
-            rel = _relative_index(L, self.max_len, self.position.device)
-        bias = gather_scalars(self.position, rel)[None]  # (1, L, L): j - i
+            bias = gather_scalars(self.position, _relative_index(L, self.max_len, self.position.device))[None]
         if self.time is not None and buckets is not None:
             bias = bias + gather_scalars(self.time, buckets)  # (B, L, L)
         return bias
@@ -467,9 +476,14 @@ class HSTULayer(nn.Module):
         """SiLU(U) * LN(attention / N) from the raw projection (N, W) through the kernel: (N, H*dv), or
         (B, H*dv) at each row's last token with ``last_only``."""
         cfg = self.cfg
-        bias = self.rab(tokens.L, buckets) if self.rab is not None else None
+        if self.rab is None:
+            bias = uvqk.new_empty(0)
+        elif self.rab.time is None or buckets is None:
+            bias = self.rab.position.detach()  # the (2 max_len - 1) table itself: the kernel reads j - i from it
+        else:
+            bias = self.rab(tokens.L, buckets).contiguous()  # (B, L, L)
         return kernel.hstu_attention_gate(
-            uvqk, tokens.starts(lengths), lengths, bias.contiguous() if bias is not None else uvqk.new_empty(0),
+            uvqk, tokens.starts(lengths), lengths, bias,
             cfg.num_heads, cfg.qk_dim, cfg.v_dim, 1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
             1.0 / float(self.normaliser(tokens.L, lengths, uvqk.device)), cfg.ln_eps, last_only)
 

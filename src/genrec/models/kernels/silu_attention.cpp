@@ -680,6 +680,8 @@ std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch
 // Rows of no batch row's range come out zero. One pass over the projection instead of the stock path's
 // SiLU, unpack, attention, pack, divide, layer norm and multiply. With ``last_only`` only each batch row's
 // last token is a query (next-item prediction's final layer): the result is (B, H * dv), zero for empty rows.
+// bias: (B or 1, Lb, Lb) with Lb >= the longest row, a (2 M - 1) relative-position table (bias(i, j) =
+// table[M - 1 + j - i], M >= the longest row: no (L, L) tensor to build per call), or empty.
 torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torch::Tensor lengths,
                                   torch::Tensor bias, int64_t H, int64_t dqk, int64_t dv, double q_scale,
                                   double inv_norm, double eps, bool last_only) {
@@ -699,9 +701,19 @@ torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torc
     TORCH_CHECK(lp[b] >= 0 && sp[b] >= 0 && sp[b] + lp[b] <= N, "batch row ", b, " runs past the projection");
     longest = std::max(longest, lp[b]);
   }
-  const bool has_bias = bias.numel() > 0;
-  if (has_bias) check_bias(bias, B, longest);
-  const int64_t bias_L = has_bias ? bias.size(1) : 0, bias_rows = has_bias ? bias.size(0) : 0;
+  const bool has_bias = bias.numel() > 0, table = has_bias && bias.dim() == 1;
+  if (table) {
+    TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == torch::kFloat32 && bias.numel() % 2 == 1 &&
+                    (bias.numel() + 1) / 2 >= longest,
+                "a 1-dimensional bias must be a contiguous float32 relative-position table of 2 M - 1 entries, "
+                "M >= the longest row");
+  } else if (has_bias) {
+    check_bias(bias, B, longest);
+  }
+  // a (2 M - 1) table: bias(i, j) = table[M - 1 + j - i], i.e. row i starts at table + M - 1 - i (stride -1)
+  const int64_t bias_stride = table ? -1 : has_bias ? bias.size(1) : 0;
+  const int64_t row_offset = table ? (bias.numel() - 1) / 2 : 0;
+  const int64_t row_size = !has_bias || table || bias.size(0) == 1 ? 0 : bias.size(1) * bias.size(1);
   auto out = torch::zeros({last_only ? B : N, C}, uvqk.options());
   const float* x = uvqk.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
@@ -709,8 +721,8 @@ torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torc
   for_each_row_head(lp, B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
     const float* row = x + sp[b] * W;
     attention_task(row + 2 * C + h * dqk, row + 2 * C + H * dqk + h * dqk, row + C + h * dv,
-                   bp ? bp + (bias_rows > 1 ? b : 0) * bias_L * bias_L : nullptr,
-                   op + (last_only ? b : sp[b]) * C + h * dv, lp[b], 0, dqk, dv, W, W, W, bias_L, C, true,
+                   bp ? bp + row_offset + b * row_size : nullptr,
+                   op + (last_only ? b : sp[b]) * C + h * dv, lp[b], 0, dqk, dv, W, W, W, bias_stride, C, true,
                    static_cast<float>(q_scale), last_only ? std::max<int64_t>(lp[b] - 1, 0) : 0, buf);
   });
   std::vector<int64_t> tokens, rows;  // the query tokens and their output rows, split evenly between threads
