@@ -582,10 +582,28 @@ class HSTU(nn.Module):
         if not is_static() and int(batch.lengths.min()) < 1:
             raise ValueError("next_item_queries needs at least one event per history")
         tokens, x, buckets = self._inputs(batch)
+        if (kernel := self._stack_kernel(x, buckets)) is not None:  # the whole stack in one compiled call
+            cfg, first = self.cfg, self.layers[0]
+            tables = [layer.rab.position.detach() if layer.rab is not None else x.new_empty(0) for layer in self.layers]
+            x = kernel.hstu_next_item_queries(
+                x, [layer.uvqk.detach() for layer in self.layers], [layer.out.weight.detach() for layer in self.layers],
+                [layer.out.bias.detach() for layer in self.layers], tables, tokens.starts(batch.lengths),
+                batch.lengths, cfg.num_heads, cfg.qk_dim, cfg.v_dim,
+                1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
+                1.0 / float(first.normaliser(tokens.L, batch.lengths, x.device)), cfg.ln_eps)
+            return F.normalize(x, dim=-1, eps=1e-6) if cfg.output_l2_norm else x
         for layer in self.layers[:-1]:
             x = tokens.mask(layer(x, tokens, batch.lengths, buckets))
         x = self.layers[-1].forward_last(x, tokens, batch.lengths, buckets)  # (B, D)
         return F.normalize(x, dim=-1, eps=1e-6) if self.cfg.output_l2_norm else x
+
+    def _stack_kernel(self, x: torch.Tensor, buckets: torch.Tensor | None):
+        """The compiled extension when it can run every layer of ``next_item_queries`` at once: the fused
+        layer applies (see ``HSTULayer._fused_kernel``), evaluation mode (no dropout), an output Linear with a
+        bias, and no time buckets (the position table is the only bias it takes); else None."""
+        if self.training or buckets is not None or any(layer.out.bias is None for layer in self.layers):
+            return None
+        return self.layers[0]._fused_kernel(x)
 
     def item_vectors(self) -> torch.Tensor:
         """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""
