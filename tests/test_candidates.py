@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genrec.data.batches import Batch
-from genrec.infer.candidates import candidate_states
+from genrec.infer.candidates import candidate_scores, candidate_states
 from test_hstu_cache import VARIANTS, model_for
 
 
@@ -44,3 +44,25 @@ def test_candidate_limits():
     with pytest.raises(ValueError, match="exceed model.max_len"):
         candidate_states(model, items, torch.tensor([1, 2]))
     assert candidate_states(model, items[:3], torch.tensor([], dtype=torch.long)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("micro_batch", [3, 256])
+def test_candidate_scores_equal_the_head_on_separate_passes(micro_batch):
+    """A two-task ranking head over the candidates' states: the one-pass scores are the head applied to each
+    candidate's own forward pass, in the candidates' order, one micro-batch at a time."""
+    model = model_for(VARIANTS["reference"])
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(model.cfg.dim, 2), torch.nn.Sigmoid())
+    calls = []
+    counted = lambda states: calls.append(len(states)) or head(states)  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    items = torch.randint(1, 31, (9,), generator=g)
+    times = 1_600_000_000 + torch.cumsum(torch.randint(1, 10**5, (9,), generator=g), 0)
+    candidates = torch.tensor([4, 19, 4, 27, 2, 12, 30])
+    got = candidate_scores(model, items, candidates, counted, times, micro_batch=micro_batch)
+    with torch.no_grad():
+        want = head(torch.stack([separately(model, items, times, c, int(times[-1])) for c in candidates]))
+    assert got.shape == (7, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == ([3, 3, 1] if micro_batch == 3 else [7])
+    assert candidate_scores(model, items, candidates[:0], head).shape == (0, 2)

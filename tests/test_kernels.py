@@ -442,3 +442,13 @@ def test_hashed_dropout_keeps_nan_and_is_twice_differentiable():
         (gg,) = torch.autograd.grad(g.sum(), t)
     keep = (y != 0).float()
     torch.testing.assert_close(gg, 2 * keep / 0.7 ** 2)  # d/dt of 2 (t m / 0.7) m / 0.7
+
+
+@needs_compiler
+def test_compiled_inference_says_when_the_stack_runs_in_one_call():
+    model = HSTU(HSTUConfig(dim=16, num_blocks=2, num_heads=2, qk_dim=8, v_dim=8, max_len=20), 30).eval()
+    assert model.compiled_inference()
+    assert not model.train().compiled_inference()  # dropout: layer by layer
+    assert not HSTU(HSTUConfig(dim=16, max_len=20, ln_affine=True), 30).eval().compiled_inference()
+    with kernels.use_kernels(False):
+        assert not model.eval().compiled_inference()

@@ -317,7 +317,8 @@ def export(run_dir, out, checkpoint, max_batch, overwrite, onnx):
 @click.option("--max-k", default=1000, show_default=True, type=click.IntRange(1), help="largest k accepted")
 @click.option("--compile", "compile_", is_flag=True,
               help="answer lone requests with an ahead-of-time compiled encoder (built once per checkpoint into "
-                   "RUN_DIR/compiled/, a few minutes; needs a C++ compiler; HSTU and SASRec)")
+                   "RUN_DIR/compiled/, a few minutes; needs a C++ compiler; HSTU and SASRec; skipped for an HSTU that "
+                   "already runs through genrec's compiled kernels, which are faster)")
 @click.option("--access-log", is_flag=True, help="log every request")
 def serve(run_dir, host, port, checkpoint, threads, workers, max_batch, max_history, max_k, compile_, access_log):
     """Serve a trained run over HTTP: POST /recommend, GET /healthz, GET /metadata, docs at /docs.

@@ -9,15 +9,17 @@ the same position (right after the history): a candidate's query meets the histo
 its own key, never another candidate's, so its state is exactly what a separate forward over
 ``history + [candidate]`` gives (tested), at the cost of the history once plus m single tokens.
 
-The states are what a ranking head scores; ``candidate_states`` returns them. genrec's retrieval
-models rank candidates by a dot product with the next-item query instead (``Recommender.recommend(...,
-candidates=...)``), which needs no candidate tokens; the generative ranking model's heads consume
-these states.
+The states are what a ranking head scores: ``candidate_states`` returns them, ``candidate_scores`` passes
+them through a head (any module or function mapping (b, D) states to (b,) or (b, tasks) scores, e.g. a
+ranking model's task heads) one micro-batch at a time. genrec's retrieval models rank candidates by a dot
+product with the next-item query instead (``Recommender.recommend(..., candidates=...)``), which needs no
+candidate tokens.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,3 +79,15 @@ def candidate_states(model: HSTU, history: torch.Tensor, candidates: torch.Tenso
             x = layer.output(u, o, x)  # eval mode (extend checks it): no dropout
         out.append(F.normalize(x, dim=-1, eps=1e-6) if cfg.output_l2_norm else x)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def candidate_scores(model: HSTU, history: torch.Tensor, candidates: torch.Tensor,
+                     head: Callable[[torch.Tensor], torch.Tensor], timestamps: torch.Tensor | None = None,
+                     query_time: int | None = None, micro_batch: int = 256) -> torch.Tensor:
+    """``head`` applied to each candidate's state (``candidate_states``): (m,) or (m, tasks) scores, equal to
+    scoring each candidate after its own forward pass over ``history + [candidate]``."""
+    states = candidate_states(model, history, candidates, timestamps, query_time, micro_batch)
+    if states.shape[0] == 0:
+        return head(states)
+    return torch.cat([head(states[s:s + micro_batch]) for s in range(0, states.shape[0], micro_batch)])

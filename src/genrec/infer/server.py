@@ -20,6 +20,7 @@ Needs the optional extra: ``pip install 'genrec[serve]'`` (FastAPI, uvicorn).
 import asyncio
 import gc
 import json
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -260,6 +261,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, checkp
     rec = pool.submit(Recommender.load, run_dir, checkpoint=checkpoint).result()  # in the model thread too
     if isinstance(rec.model, HSTU):  # build or load the attention kernel now, not during the first request
         pool.submit(kernels.silu_attention).result()
+    if compile and isinstance(rec.model, HSTU) and pool.submit(rec.model.compiled_inference).result():
+        print("--compile: not needed, this HSTU already runs as one compiled kernel call per request (faster "
+              "than the ahead-of-time encoder: 3.7 against 9.7 ms for 200 events of HSTU-large)", file=sys.stderr)
+        compile = False
     if compile:
         from genrec.infer.export import compiled_encoder
 

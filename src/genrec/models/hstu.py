@@ -605,6 +605,11 @@ class HSTU(nn.Module):
             return None
         return self.layers[0]._fused_kernel(x)
 
+    def compiled_inference(self) -> bool:
+        """Whether ``next_item_queries`` (without time buckets) runs as one compiled call on this machine."""
+        with torch.no_grad():
+            return self._stack_kernel(self.item_embedding.weight.detach(), None) is not None
+
     def item_vectors(self) -> torch.Tensor:
         """(num_items + 1, D) table the hidden states are scored against (row 0 = padding)."""
         return self.item_embedding.weight
