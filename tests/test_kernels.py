@@ -446,9 +446,38 @@ def test_hashed_dropout_keeps_nan_and_is_twice_differentiable():
 
 @needs_compiler
 def test_compiled_inference_says_when_the_stack_runs_in_one_call():
-    model = HSTU(HSTUConfig(dim=16, num_blocks=2, num_heads=2, qk_dim=8, v_dim=8, max_len=20), 30).eval()
+    options = {"dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8, "max_len": 20}
+    model = HSTU(HSTUConfig(**options, relative_bias="position"), 30).eval()
     assert model.compiled_inference()
     assert not model.train().compiled_inference()  # dropout: layer by layer
-    assert not HSTU(HSTUConfig(dim=16, max_len=20, ln_affine=True), 30).eval().compiled_inference()
+    model.eval().layers[1].dropout.train()  # one module in training mode is enough
+    assert not model.compiled_inference()
+    assert not HSTU(HSTUConfig(**options, relative_bias="position", ln_affine=True), 30).eval().compiled_inference()
+    # a time-bias model's requests with timestamps go layer by layer (without them, the stack runs)
+    assert not HSTU(HSTUConfig(**options, relative_bias="position_time"), 30).eval().compiled_inference()
     with kernels.use_kernels(False):
         assert not model.eval().compiled_inference()
+
+
+@needs_compiler
+def test_stack_without_timestamps_equals_the_stock_path_for_a_time_model(monkeypatch):
+    """A time-bias model asked without timestamps runs the one-call stack with its position table, and
+    gives what the stock path gives (a table reaching further than the longest row, rows of mixed length)."""
+    torch.manual_seed(1)
+    model = HSTU(HSTUConfig(dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_len=50), 40).eval()
+    lengths = torch.tensor([30, 1, 12])
+    batch = Batch(items=torch.randint(1, 41, (3, 30)) * (torch.arange(30)[None] < lengths[:, None]), lengths=lengths)
+    with kernels.use_kernels(False), torch.no_grad():
+        want = model.next_item_queries(batch)
+    kernel, calls = _built(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    with torch.no_grad():
+        got = model.next_item_queries(batch)
+    assert calls == ["hstu_next_item_queries"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

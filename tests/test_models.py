@@ -371,6 +371,8 @@ def test_toeplitz_equals_the_relative_index_gather(L, max_len):
     table = torch.randn(2 * max_len - 1, generator=torch.Generator().manual_seed(L))
     i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
     assert torch.equal(toeplitz(table, L), table[j - i + max_len - 1])
+    with pytest.raises(ValueError, match="reaches"):
+        toeplitz(table, max_len + 1)
 
 
 def test_relative_bias_is_the_same_with_and_without_autograd():

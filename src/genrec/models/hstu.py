@@ -139,6 +139,8 @@ def toeplitz(table: torch.Tensor, L: int) -> torch.Tensor:
     row i is the window of L entries starting at M - 1 - i, so the rows are the table's last-but-M windows
     in reverse order (one copy of L x L values; a gather reads an (L, L) index as well)."""
     M = (table.shape[0] + 1) // 2
+    if L > M:
+        raise ValueError(f"a relative-position table of {table.shape[0]} entries reaches {M} positions, not {L}")
     return table.unfold(0, L, 1)[M - L:M].flip(0)
 
 
@@ -601,12 +603,16 @@ class HSTU(nn.Module):
         """The compiled extension when it can run every layer of ``next_item_queries`` at once: the fused
         layer applies (see ``HSTULayer._fused_kernel``), evaluation mode (no dropout), an output Linear with a
         bias, and no time buckets (the position table is the only bias it takes); else None."""
-        if self.training or buckets is not None or any(layer.out.bias is None for layer in self.layers):
+        if (buckets is not None or any(module.training for module in self.modules())
+                or any(layer.out.bias is None for layer in self.layers)):
             return None
         return self.layers[0]._fused_kernel(x)
 
     def compiled_inference(self) -> bool:
-        """Whether ``next_item_queries`` (without time buckets) runs as one compiled call on this machine."""
+        """Whether ``next_item_queries`` runs as one compiled call on this machine for every request: not
+        for a time-bias model, whose requests with timestamps go layer by layer."""
+        if self.cfg.relative_bias == "position_time":
+            return False
         with torch.no_grad():
             return self._stack_kernel(self.item_embedding.weight.detach(), None) is not None
 
