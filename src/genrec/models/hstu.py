@@ -601,10 +601,10 @@ class HSTU(nn.Module):
 
     def _stack_kernel(self, x: torch.Tensor, buckets: torch.Tensor | None):
         """The compiled extension when it can run every layer of ``next_item_queries`` at once: the fused
-        layer applies (see ``HSTULayer._fused_kernel``), evaluation mode (no dropout), an output Linear with a
-        bias, and no time buckets (the position table is the only bias it takes); else None."""
-        if (buckets is not None or any(module.training for module in self.modules())
-                or any(layer.out.bias is None for layer in self.layers)):
+        layer applies (see ``HSTULayer._fused_kernel``), the layers' dropout in evaluation mode (the input
+        dropout runs before, in ``_inputs``), an output Linear with a bias, and no time buckets (the position
+        table is the only bias it takes); else None."""
+        if buckets is not None or any(layer.dropout.training or layer.out.bias is None for layer in self.layers):
             return None
         return self.layers[0]._fused_kernel(x)
 
