@@ -31,7 +31,7 @@ from typing import Union
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the HTTP service needs FastAPI and uvicorn: pip install 'genrec[serve]'") from e
@@ -42,6 +42,26 @@ from genrec.infer.recommender import Recommendation, Recommender
 from genrec.models import HSTU, kernels
 
 ItemId = Union[StrictInt, StrictStr]
+
+
+class BodyLimit:
+    """ASGI middleware: a 413 for a declared body over ``max_body_bytes`` before anything reads it. A plain
+    ASGI class: with Starlette's function middleware (``@app.middleware``), and the response model
+    validating each answer again, a lone request took about 1.2 ms longer at the median (HSTU-large)."""
+
+    def __init__(self, app, max_body_bytes: int, max_history: int):
+        self.app, self.max_body_bytes, self.max_history = app, max_body_bytes, max_history
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > self.max_body_bytes):
+                response = JSONResponse({"detail": f"request body over the limit of {self.max_body_bytes:,} bytes: "
+                                                   f"send a shorter history (at most {self.max_history:,} items)"},
+                                        status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Recommended(BaseModel):
@@ -211,13 +231,7 @@ def create_app(recommender: Recommender, metadata: dict | None = None, *, max_ba
                   for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return JSONResponse({"detail": f"request body over the limit of {max_body_bytes:,} bytes: send a "
-                                           f"shorter history (at most {max_history:,} items)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, max_history=max_history)
 
     @app.post("/recommend", response_model=Recommended,
               responses={413: {"description": "body too large"}, 503: {"description": "overloaded, retry"}})
@@ -226,8 +240,11 @@ def create_app(recommender: Recommender, metadata: dict | None = None, *, max_ba
             rec = await state["batcher"].submit(body)
         except asyncio.QueueFull:
             return JSONResponse({"detail": "too many pending requests: retry shortly"}, status_code=503)
-        return Recommended(items=rec.items, scores=rec.scores, unknown=rec.unknown,
-                           unknown_candidates=rec.unknown_candidates, fallback=rec.fallback)
+        # the response model documents this body; writing it directly skips a second validation of 2 k values
+        body = {"items": rec.items, "scores": rec.scores, "unknown": rec.unknown,
+                "unknown_candidates": rec.unknown_candidates, "fallback": rec.fallback}
+        return Response(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+                        media_type="application/json")  # what JSONResponse writes
 
     @app.get("/healthz")
     async def healthz():
