@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from genrec.data.store import SequenceStore  # noqa: E402
 from genrec.infer.recommender import Recommender  # noqa: E402
-from genrec.infer.server import MicroBatcher, create_app, request_model, run_metadata  # noqa: E402
+from genrec.infer.server import MicroBatcher, Recommended, create_app, request_model, run_metadata  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,9 @@ def test_recommend_round_trip_equals_python_api(client, rec, histories):
                             query_time=times[-1] + 60)
     _same(r.json(), want)
     assert r.json()["unknown"] == 1 and not set(r.json()["items"]) & set(items)
+    # the answer is written directly, not through the response model: it still is exactly that model
+    assert r.headers["content-type"] == "application/json"
+    assert Recommended.model_validate(r.json(), strict=True).model_dump() == r.json()
     # exclude_seen, candidates, and raw ids given as strings of an integer vocabulary
     cands = [str(x) for x in items[:3]] + [str(x) for x in want.items[:4]]
     r = client.post("/recommend", json={"history": [str(x) for x in items], "k": 5, "exclude_seen": False,

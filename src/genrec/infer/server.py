@@ -241,9 +241,9 @@ def create_app(recommender: Recommender, metadata: dict | None = None, *, max_ba
         except asyncio.QueueFull:
             return JSONResponse({"detail": "too many pending requests: retry shortly"}, status_code=503)
         # the response model documents this body; writing it directly skips a second validation of 2 k values
-        body = {"items": rec.items, "scores": rec.scores, "unknown": rec.unknown,
-                "unknown_candidates": rec.unknown_candidates, "fallback": rec.fallback}
-        return Response(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+        answer = {"items": rec.items, "scores": rec.scores, "unknown": rec.unknown,
+                  "unknown_candidates": rec.unknown_candidates, "fallback": rec.fallback}
+        return Response(json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
                         media_type="application/json")  # what JSONResponse writes
 
     @app.get("/healthz")
