@@ -26,6 +26,20 @@ def _built():
     return kernel
 
 
+def _spy_on_kernel(monkeypatch) -> list[str]:
+    """Route ``kernels.silu_attention()`` to the built extension through a spy; returns the list that
+    records the name of every extension function the code under test looks up."""
+    kernel, calls = _built(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    return calls
+
+
 def _reference(q, k, v, bias, lengths):
     """sum_{j <= i} SiLU(q_i . k_j + bias_ij) v_j in float64 over the full masked L x L scores."""
     L = q.shape[1]
@@ -195,14 +209,7 @@ def test_training_gradients_from_the_kernel_equal_autograd(dqk, dv, L, bias_rows
         q, k, v = torch.split(proj, split, dim=-1)
         return causal_silu_attention(q.view(B, L, H, dqk), k.view(B, L, H, dqk), v.view(B, L, H, dv), bias, lengths)
 
-    kernel, calls = _built(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(kernel, name)
-
-    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    calls = _spy_on_kernel(monkeypatch)
     got = attention(proj, bias)
     weights = torch.randn(got.shape, generator=g)
     inputs = [proj] + ([bias] if bias is not None else [])
@@ -469,14 +476,7 @@ def test_stack_without_timestamps_equals_the_stock_path_for_a_time_model(monkeyp
     batch = Batch(items=torch.randint(1, 41, (3, 30)) * (torch.arange(30)[None] < lengths[:, None]), lengths=lengths)
     with kernels.use_kernels(False), torch.no_grad():
         want = model.next_item_queries(batch)
-    kernel, calls = _built(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(kernel, name)
-
-    monkeypatch.setattr(kernels, "silu_attention", lambda: Spy())
+    calls = _spy_on_kernel(monkeypatch)
     with torch.no_grad():
         got = model.next_item_queries(batch)
     assert calls == ["hstu_next_item_queries"]
