@@ -478,16 +478,24 @@ class HSTULayer(nn.Module):
         """SiLU(U) * LN(attention / N) from the raw projection (N, W) through the kernel: (N, H*dv), or
         (B, H*dv) at each row's last token with ``last_only``."""
         cfg = self.cfg
-        if self.rab is None:
-            bias = uvqk.new_empty(0)
-        elif self.rab.time is None or buckets is None:
-            bias = self.rab.position.detach()  # the (2 max_len - 1) table itself: the kernel reads j - i from it
-        else:
-            bias = self.rab(tokens.L, buckets).contiguous()  # (B, L, L)
         return kernel.hstu_attention_gate(
-            uvqk, tokens.starts(lengths), lengths, bias,
-            cfg.num_heads, cfg.qk_dim, cfg.v_dim, 1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
-            1.0 / float(self.normaliser(tokens.L, lengths, uvqk.device)), cfg.ln_eps, last_only)
+            uvqk, tokens.starts(lengths), lengths, self._gate_bias(uvqk, tokens.L, buckets), cfg.num_heads,
+            cfg.qk_dim, cfg.v_dim, *self._gate_scales(tokens.L, lengths, uvqk.device), cfg.ln_eps, last_only)
+
+    def _gate_bias(self, like: torch.Tensor, L: int, buckets: torch.Tensor | None) -> torch.Tensor:
+        """The bias the compiled gate takes: none (an empty tensor), the (2 max_len - 1) position table itself
+        (the kernel reads j - i from it), or with time buckets the (B, L, L) sum."""
+        if self.rab is None:
+            return like.new_empty(0)
+        if self.rab.time is None or buckets is None:
+            return self.rab.position.detach()
+        return self.rab(L, buckets).contiguous()
+
+    def _gate_scales(self, L: int, lengths: torch.Tensor, device: torch.device) -> tuple[float, float]:
+        """(q_scale, inv_norm) of the compiled gate: Q's factor and 1 / the attention normaliser."""
+        cfg = self.cfg
+        return (1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
+                1.0 / float(self.normaliser(L, lengths, device)))
 
     def forward_last(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                      buckets: torch.Tensor | None) -> torch.Tensor:
@@ -585,14 +593,13 @@ class HSTU(nn.Module):
             raise ValueError("next_item_queries needs at least one event per history")
         tokens, x, buckets = self._inputs(batch)
         if (kernel := self._stack_kernel(x, buckets)) is not None:  # the whole stack in one compiled call
-            cfg, first = self.cfg, self.layers[0]
-            tables = [layer.rab.position.detach() if layer.rab is not None else x.new_empty(0) for layer in self.layers]
+            cfg = self.cfg
             x = kernel.hstu_next_item_queries(
                 x, [layer.uvqk.detach() for layer in self.layers], [layer.out.weight.detach() for layer in self.layers],
-                [layer.out.bias.detach() for layer in self.layers], tables, tokens.starts(batch.lengths),
+                [layer.out.bias.detach() for layer in self.layers],
+                [layer._gate_bias(x, tokens.L, None) for layer in self.layers], tokens.starts(batch.lengths),
                 batch.lengths, cfg.num_heads, cfg.qk_dim, cfg.v_dim,
-                1.0 / math.sqrt(cfg.qk_dim) if cfg.attn_scale else 1.0,
-                1.0 / float(first.normaliser(tokens.L, batch.lengths, x.device)), cfg.ln_eps)
+                *self.layers[0]._gate_scales(tokens.L, batch.lengths, x.device), cfg.ln_eps)
             return F.normalize(x, dim=-1, eps=1e-6) if cfg.output_l2_norm else x
         for layer in self.layers[:-1]:
             x = tokens.mask(layer(x, tokens, batch.lengths, buckets))
