@@ -134,3 +134,27 @@ def test_config_validation():
         BERT4RecConfig(mask_prob=0.0).validate()
     with pytest.raises(ValueError, match="divisible"):
         BERT4RecConfig(dim=10, num_heads=3).validate()
+
+
+def test_packed_tokens_and_length_groups_equal_the_padded_batch(monkeypatch):
+    """A random batch of mixed lengths runs per-token work on its real tokens and attention per group
+    of similar lengths: the same encoding and gradients as the padded batch."""
+    import genrec.models.layers as layers
+
+    batch = history_batch([9, 2, 12, 1, 5, 3, 12, 7], seed=5)
+    batch = Batch(items=batch.items, lengths=batch.lengths, cloze=True)
+    results = []
+    for threshold in (0.0, 2.0):  # never pack / always pack
+        monkeypatch.setattr(layers, "PACK_BELOW", threshold)
+        original = layers.in_length_groups
+        monkeypatch.setattr("genrec.models.bert4rec.in_length_groups",
+                            lambda fn, seq, lengths: original(fn, seq, lengths, group=3))  # 3 groups
+        model = make_model()
+        out = model(batch)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert torch.all(b[~batch.padding_mask] == 0)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-4, rtol=1e-4, msg=n)

@@ -474,7 +474,7 @@ def test_blocked_causal_attention_equals_full(L, block, tile, bias_rows, jagged)
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["hstu", "hstu-production", "hstu-norm-visible", "sasrec"])
+@pytest.mark.parametrize("name", ["hstu", "hstu-production", "hstu-norm-visible", "sasrec", "mamba4rec"])
 def test_packed_tokens_equal_padded_tokens(name, monkeypatch):
     """Per-token work on packed real tokens (random batches) equals the padded layout, with gradients."""
     import genrec.models.layers as layers
@@ -493,6 +493,32 @@ def test_packed_tokens_equal_padded_tokens(name, monkeypatch):
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("group", [1, 2, 16])
+def test_in_length_groups_equals_the_whole_batch(group):
+    """Rows in any order, groups cut to their longest row: the same result as the whole padded batch for
+    a function that works along each row, and zero past each group's longest row; gradients too."""
+    from genrec.models.layers import in_length_groups
+
+    lengths = torch.tensor([3, 7, 1, 7, 2, 5])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def along_rows(part, part_lengths):  # a running sum over each row's real positions
+        seen.append((part.shape[1], part_lengths.tolist()))
+        real = torch.arange(part.shape[1])[None, :, None] < part_lengths[:, None, None]
+        return torch.cumsum(part * real, dim=1) * real
+
+    got = in_length_groups(along_rows, x, lengths, group)
+    real = (torch.arange(9)[None, :] < lengths[:, None])[..., None]
+    want = torch.cumsum(x * real, dim=1) * real
+    torch.testing.assert_close(got, want)
+    assert all(m == max(n) for m, n in seen)  # each group cut to its longest row
+    assert len(seen) == -(-6 // group)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), x)[0], torch.autograd.grad((want * w).sum(), x)[0])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

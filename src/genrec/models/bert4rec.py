@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, check_length, dropout
+from genrec.models.layers import Dropout, Tokens, check_length, dropout, in_length_groups
 
 
 @dataclass
@@ -67,18 +67,28 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D); key_bias (B, 1, 1, L): 0 on real keys, -inf on padding."""
-        B, L, D = x.shape
-        H = self.num_heads
-        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
-        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+    def attend(self, qkv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(b, m, 3D) -> (b, m, D): every query sees the first ``lengths`` keys of its row."""
+        b, m, D3 = qkv.shape
+        D, H = D3 // 3, self.num_heads
+        q, k, v = qkv.view(b, m, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (b, H, m, d)
+        real = torch.arange(m, device=qkv.device)[None, :] < lengths[:, None]
+        key_bias = torch.zeros(b, 1, 1, m, dtype=q.dtype, device=q.device).masked_fill_(
+            ~real[:, None, None, :], float("-inf"))
+        if self.training and self.attn_dropout > 0 and qkv.device.type == "cpu":
             weights = torch.softmax((q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D // H)) + key_bias, dim=-1)
             y = dropout(weights, self.attn_dropout) @ v  # (the fast CPU mask; SDPA's CPU dropout is slow)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias,
                                                dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return y.transpose(1, 2).reshape(b, m, D)
+
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        """x (N, D) tokens -> (N, D). Rows go through attention in groups of similar length, each cut to
+        its longest row (``in_length_groups``): the padding of a random batch costs no attention work."""
+        qkv = tokens.unpack(self.qkv(x))  # (B, L, 3D)
+        y = in_length_groups(self.attend, qkv, lengths) if tokens.packed else self.attend(qkv, lengths)
+        return self.proj(tokens.pack(y))
 
 
 class Block(nn.Module):
@@ -89,8 +99,8 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.dropout(self.attn(x, key_bias)))
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.dropout(self.attn(x, tokens, lengths)))
         return self.ln2(x + self.dropout(self.ffn(x)))
 
 
@@ -116,19 +126,19 @@ class BERT4Rec(nn.Module):
             self.item_embedding.weight[0].zero_()
 
     def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Bidirectional encoding of right-padded ``items`` (B, L) -> (B, L, D); padding rows are zero."""
+        """Bidirectional encoding of right-padded ``items`` (B, L) -> (B, L, D); padding rows are zero.
+        The per-token work runs on the real tokens only when padding is a large share (``Tokens``)."""
         B, L = items.shape
         check_length(L, self.cfg.max_len, "sequence")
-        real = torch.arange(L, device=items.device)[None, :] < lengths[:, None]  # (B, L)
-        key_bias = torch.zeros(B, 1, 1, L, device=items.device).masked_fill_(~real[:, None, None, :], float("-inf"))
+        tokens = Tokens(torch.arange(L, device=items.device)[None, :] < lengths[:, None])
         x = self.item_embedding(items) + self.position_embedding(torch.arange(L, device=items.device))[None]
-        x = self.dropout(self.input_norm(x)) * real[..., None]
+        x = tokens.mask(self.dropout(self.input_norm(tokens.pack(x))))  # (N, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, key_bias, use_reentrant=False) * real[..., None]
+                x = tokens.mask(checkpoint(block, x, tokens, lengths, use_reentrant=False))
             else:
-                x = block(x, key_bias) * real[..., None]
-        return x
+                x = tokens.mask(block(x, tokens, lengths))
+        return tokens.unpack(x)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Cloze batches (from ``training_batch``): the encoding of every position. Any other batch: the

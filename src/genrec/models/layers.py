@@ -224,3 +224,22 @@ def length_groups(lengths: torch.Tensor, group: int = 16) -> tuple[torch.Tensor 
     sizes = [min(group, len(lengths) - s) for s in range(0, len(lengths), group)]
     tops = [max(1, int(t)) for t in sorted_len[::group].tolist()]
     return order, sizes, tops
+
+
+def in_length_groups(fn, seq: torch.Tensor, lengths: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """``fn`` over a right-padded (B, L, C) batch, a few rows at a time: the rows longest first, cut into
+    groups of ``group`` rows, each group cut to its longest row. ``fn(part, part_lengths)`` maps a
+    (b, m, C) group and its (b,) lengths to (b, m, C'); the result is (B, L, C') in the batch's row order,
+    zero past each group's longest row. For work along each row (attention, a scan) on a random batch of
+    mixed lengths: it then costs about what the real tokens need. One row permutation each way (indexing
+    each group instead would zero-fill all of ``seq`` once per group in backward)."""
+    L = seq.shape[1]
+    lengths = lengths.clamp(min=1, max=L)
+    order, sizes, tops = length_groups(lengths, group)
+    if order is not None:
+        inverse = torch.argsort(order)
+        seq, lengths = permute_rows(seq, order, inverse), lengths.index_select(0, order)
+    parts = [F.pad(fn(part[:, :m], n), (0, 0, 0, L - m))
+             for part, n, m in zip(torch.split(seq, sizes), torch.split(lengths, sizes), tops)]
+    y = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return permute_rows(y, inverse, order) if order is not None else y

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, check_length
+from genrec.models.layers import Dropout, Tokens, check_length, in_length_groups
 
 
 @dataclass
@@ -62,7 +62,8 @@ class Mamba4RecConfig:
 def ssd_recurrence(x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """The definition, one step at a time: S_t = exp(a_t) S_{t-1} + B_t x_t^T, y_t = S_t^T C_t.
 
-    x (b, l, h, p) (already multiplied by dt), a (b, l, h) log decays (<= 0), B, C (b, l, h, n).
+    x (b, l, h, p) (already multiplied by dt), a (b, l, h) log decays (<= 0), B, C (b, l, h, n) or
+    (b, l, 1, n) (shared by the heads).
     Returns y (b, l, h, p).
     """
     b, l, h, p = x.shape
@@ -75,39 +76,58 @@ def ssd_recurrence(x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.T
 
 
 def ssd_scan(x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``ssd_recurrence`` computed chunk by chunk (same arguments and result).
+    """``ssd_recurrence`` computed chunk by chunk (same arguments and result; B and C may also be
+    (b, l, 1, n), one group shared by all heads, which skips computing the same C . B once per head).
 
     With Q = ``chunk_size`` and s_i = the cumulative log decay inside a chunk:
     - inside a chunk, y_i = sum_{j <= i} (C_i . B_j) exp(s_i - s_j) x_j: a causal, decay-weighted
       (Q x Q) score matrix times x, all matmuls;
     - each chunk's own contribution to the state at its end is sum_j exp(s_Q - s_j) B_j x_j^T;
     - the state entering chunk c is carried from chunk to chunk (a loop over l / Q chunks only), and
-      adds exp(s_i) C_i . S_in to every output of the chunk.
+      adds exp(s_i) C_i . S_in to every output of the chunk. A single chunk starts from the zero state
+      and needs none of this.
     """
     b, l, h, p = x.shape
-    n = B.shape[-1]
+    n, g = B.shape[-1], B.shape[-2]
     Q = min(chunk_size, l)
     pad = (-l) % Q
     if pad:  # zero inputs and zero log-decay after the end: they change nothing before it
         x, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, B, C))
     c = x.shape[1] // Q
-    x, B, C = (t.reshape(b, c, Q, h, t.shape[-1]) for t in (x, B, C))
+    x = x.reshape(b, c, Q, h, p)
+    B, C = (t.reshape(b, c, Q, g, n) for t in (B, C))
     a = a.reshape(b, c, Q, h).permute(0, 1, 3, 2)  # (b, c, h, Q)
     s = torch.cumsum(a, dim=-1)  # (b, c, h, Q) cumulative log decay within each chunk
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     diff = (s[..., :, None] - s[..., None, :]).masked_fill(~causal, float("-inf"))  # (b, c, h, Q, Q): s_i - s_j
-    scores = torch.einsum("bcihn,bcjhn->bchij", C, B) * torch.exp(diff)
+    scores = torch.einsum("bcihn,bcjhn->bchij", C, B) * torch.exp(diff)  # (b, c, g, Q, Q) broadcast to h
     y = torch.einsum("bchij,bcjhp->bcihp", scores, x)  # within-chunk outputs
-    to_end = torch.exp(s[..., -1:] - s)  # (b, c, h, Q) decay from step j to the chunk's end
-    chunk_states = torch.einsum("bcjhn,bchj,bcjhp->bchnp", B, to_end, x)  # (b, c, h, n, p)
-    state = x.new_zeros(b, h, n, p)
-    entering = []
-    for k in range(c):
-        entering.append(state)
-        state = torch.exp(s[:, k, :, -1])[..., None, None] * state + chunk_states[:, k]
-    entering = torch.stack(entering, dim=1)  # (b, c, h, n, p)
-    y = y + torch.einsum("bcihn,bchnp->bcihp", C, entering) * torch.exp(s).permute(0, 1, 3, 2)[..., None]
+    if c > 1:
+        to_end = torch.exp(s[..., -1:] - s)  # (b, c, h, Q) decay from step j to the chunk's end
+        chunk_states = torch.einsum("bcjhn,bchj,bcjhp->bchnp", B, to_end, x)  # (b, c, h, n, p)
+        state = x.new_zeros(b, h, n, p)
+        entering = [state]
+        for k in range(c - 1):
+            state = torch.exp(s[:, k, :, -1])[..., None, None] * state + chunk_states[:, k]
+            entering.append(state)
+        entering = torch.stack(entering, dim=1)  # (b, c, h, n, p)
+        y = y + torch.einsum("bcihn,bchnp->bcihp", C, entering) * torch.exp(s).permute(0, 1, 3, 2)[..., None]
     return y.reshape(b, c * Q, h, p)[:, :l]
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise convolution along time: x (b, l, C), weight (C, 1, K) -> (b, l, C) with
+    y_t = bias + sum_k weight[:, 0, k] * x_{t - K + 1 + k} (zeros before the start), what ``nn.Conv1d``
+    with groups = C and padding K - 1 gives in its first l outputs. As K shifted multiply-adds: in the
+    (b, l, C) layout, with no transposes, and its backward is elementwise too (oneDNN's depthwise
+    convolution backward was a fifth of a Beauty training step)."""
+    K, l = weight.shape[-1], x.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zero steps before the start
+    w = weight[:, 0, :]  # (C, K)
+    y = torch.addcmul(bias, xp[:, K - 1:], w[:, K - 1])
+    for k in range(K - 1):
+        y = torch.addcmul(y, xp[:, k:k + l], w[:, k])
+    return y
 
 
 def _mamba_ssm_kernel():
@@ -134,26 +154,40 @@ class Mamba2Layer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.heads))
         self.norm = nn.RMSNorm(inner, eps=1e-5)
         self.out_proj = nn.Linear(inner, cfg.dim, bias=False)
+        self.group_rows = 32  # rows per length group of a packed batch (see forward)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        """x (N, D) tokens -> (N, D). The projections and the gate run on the tokens; the convolution and
+        the scan, which run along each row, go through the (B, L) layout in groups of rows of similar
+        length (longest first), each cut to its longest row: the padding of a random batch costs nothing."""
+        n = self.cfg.d_state
+        z, xbc, dt = torch.split(self.in_proj(x), [self.inner, self.inner + 2 * n, self.heads], dim=-1)
+        seq = tokens.unpack(torch.cat([xbc, dt], dim=-1))  # (B, L, conv channels + heads)
+        if tokens.packed:
+            y = in_length_groups(lambda part, _: self.mix(part), seq, lengths, self.group_rows)
+        else:
+            y = self.mix(seq)
+        y = self.norm(tokens.pack(y) * F.silu(z))
+        return self.out_proj(y)
+
+    def mix(self, seq: torch.Tensor) -> torch.Tensor:
+        """(b, l, conv channels + heads) -> (b, l, inner): the causal convolution, the SSD scan and the skip."""
         cfg = self.cfg
-        b, l, _ = x.shape
+        b, l, _ = seq.shape
         h, p, n = self.heads, cfg.head_dim, cfg.d_state
-        z, xbc, dt = torch.split(self.in_proj(x), [self.inner, self.inner + 2 * n, h], dim=-1)
-        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :l].transpose(1, 2))  # causal: keep the first l outputs
+        xbc, dt = torch.split(seq, [self.inner + 2 * n, h], dim=-1)
+        xbc = F.silu(causal_conv(xbc, self.conv.weight, self.conv.bias))
         xs, B, C = torch.split(xbc, [self.inner, n, n], dim=-1)
         xs = xs.reshape(b, l, h, p)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        kernel = _mamba_ssm_kernel() if cfg.use_kernels and x.is_cuda else None
+        kernel = _mamba_ssm_kernel() if cfg.use_kernels and seq.is_cuda else None
         if kernel is not None:
             y = kernel(xs, dt, A, B[:, :, None], C[:, :, None], cfg.chunk_size)
         else:
-            Bh, Ch = B[:, :, None].expand(b, l, h, n), C[:, :, None].expand(b, l, h, n)
-            y = ssd_scan(xs * dt[..., None], dt * A, Bh, Ch, cfg.chunk_size)
+            y = ssd_scan(xs * dt[..., None], dt * A, B[:, :, None], C[:, :, None], cfg.chunk_size)
         y = y + xs * self.D[:, None]
-        y = self.norm(y.reshape(b, l, self.inner) * F.silu(z))
-        return self.out_proj(y)
+        return y.reshape(b, l, self.inner)
 
 
 class Block(nn.Module):
@@ -165,8 +199,8 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.dropout(self.mamba(x)))
+    def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.dropout(self.mamba(x, tokens, lengths)))
         return self.ln2(x + self.dropout(self.ffn(x)))
 
 
@@ -186,14 +220,15 @@ class Mamba4Rec(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         B, L = batch.items.shape
         check_length(L, self.cfg.max_len)
-        mask = batch.padding_mask.unsqueeze(-1)  # (B, L, 1)
-        x = self.input_norm(self.dropout(self.item_embedding(batch.items)))
+        tokens = Tokens(batch.padding_mask)  # per-token work on the real tokens only (random batches)
+        x = self.input_norm(self.dropout(tokens.pack(self.item_embedding(batch.items))))  # (N, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, tokens, batch.lengths, use_reentrant=False)
             else:
-                x = block(x)
-        return x * mask  # (B, L, D); the scan is causal, so right padding never reaches a real position
+                x = block(x, tokens, batch.lengths)
+        # (B, L, D), zero at padding; the scan is causal, so right padding never reaches a real position
+        return tokens.unpack(tokens.mask(x))
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_embedding.weight

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, Tokens, check_length, dropout, length_groups, permute_rows
+from genrec.models.layers import Dropout, Tokens, check_length, dropout, in_length_groups
 
 
 @dataclass
@@ -89,20 +89,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
         """x (N, D) tokens -> (N, D). Rows go through attention in groups of similar length (longest
         first), each cut to its longest row: the padding of a random batch costs no attention work."""
-        L = tokens.L
         qkv = tokens.unpack(self.qkv(x))  # (B, L, 3D)
         if not tokens.packed:
             return self.proj(tokens.pack(self.attend(qkv)))
-        order, sizes, tops = length_groups(lengths.clamp(min=1, max=L))
-        # one row permutation each way: indexing each group instead would zero-fill all of qkv per group in backward
-        if order is not None:
-            inverse = torch.argsort(order)
-            qkv = permute_rows(qkv, order, inverse)
-        parts = [F.pad(self.attend(g[:, :m]), (0, 0, 0, L - m)) for g, m in zip(torch.split(qkv, sizes), tops)]
-        y = torch.cat(parts) if len(parts) > 1 else parts[0]  # (B, L, D), longest first
-        if order is not None:
-            y = permute_rows(y, inverse, order)
-        return self.proj(tokens.pack(y))
+        return self.proj(tokens.pack(in_length_groups(lambda part, _: self.attend(part), qkv, lengths)))
 
 
 class FeedForward(nn.Module):
