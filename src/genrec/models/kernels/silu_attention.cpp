@@ -23,6 +23,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -36,10 +39,8 @@ inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 inline v8 load(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
-inline float hsum(v8 v) {
-  float r = 0.0f;
-  for (int i = 0; i < 8; ++i) r += v[i];
-  return r;
+inline float hsum(v8 v) {  // pairwise: three dependent additions instead of eight
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
 // max and min with x86's maxps/minps semantics (the second operand when either is NaN); GCC and Clang
@@ -125,6 +126,37 @@ inline void weighted_columns(const float* w, const float* rows, float* acc, int6
     });
 }
 
+// The first n (1 <= n <= 8) floats at p as a vector, zero beyond, and back: AVX2's masked load and store
+// (nothing past n is touched), else through a small buffer.
+inline v8 load_first(const float* p, int64_t n) {
+#ifdef __AVX2__
+  const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7};
+  return (v8)_mm256_maskload_ps(p, (__m256i)(lane < static_cast<int>(n)));
+#else
+  float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(t, p, n * sizeof(float));
+  return load(t);
+#endif
+}
+
+inline void store_first(float* p, int64_t n, v8 x) {
+#ifdef __AVX2__
+  const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7};
+  _mm256_maskstore_ps(p, (__m256i)(lane < static_cast<int>(n)), (__m256)x);
+#else
+  float t[8];
+  store(t, x);
+  std::memcpy(p, t, n * sizeof(float));
+#endif
+}
+
+// dst[0, n) = src[0, n) for short rows (a few vectors): whole vectors and a masked tail, no library call.
+inline void copy_row(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store(dst + i, load(src + i));
+  if (i < n) store_first(dst + i, n - i, load_first(src + i, n - i));
+}
+
 // p[0, count) <- SiLU(p[0, count)), whole vectors and one padded partial vector
 void silu_inplace(float* p, int64_t count) {
   int64_t i = 0;
@@ -163,9 +195,9 @@ void attention_task(const float* q, const float* k, const float* v, const float*
   float* acc_o = w + QB * KB;      // (QB, dvp): output rows
   float* acc_t = acc_o + QB * dvp; // (QB, dt, 8): lane-wise sums for the last value columns
   for (int64_t j = 0; j < n; ++j) {
-    std::memcpy(qp + j * dqk, q + j * q_stride, dqk * sizeof(float));
+    copy_row(qp + j * dqk, q + j * q_stride, dqk);
     for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
-    std::memcpy(vp + j * dvf, v + j * v_stride, dvf * sizeof(float));
+    copy_row(vp + j * dvf, v + j * v_stride, dvf);
     for (int64_t c = 0; c < dt; ++c) vt[c * Lp + j] = v[j * v_stride + dvf + c];
   }
   if (silu_inputs) {  // the padding of kt, vp and vt is zero and SiLU(0) = 0
@@ -223,7 +255,7 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     for (int r = 0; r < QB; ++r)
       for (int64_t c = 0; c < dt; ++c) acc_o[r * dvp + dvf + c] = hsum(load(acc_t + (r * dt + c) * 8));
     for (int r = 0; r < QB && i0 + r < n; ++r)
-      std::memcpy(out + (i0 + r - first) * out_stride, acc_o + r * dvp, dv * sizeof(float));
+      copy_row(out + (i0 + r - first) * out_stride, acc_o + r * dvp, dv);
   }
   for (int64_t i = n; i < zero_rows; ++i) std::memset(out + i * out_stride, 0, dv * sizeof(float));
 }
@@ -293,9 +325,9 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
   float* dvT = dkT + dqk * KB;     // (dv, KB): its dv, transposed
   float* bblk = dvT + dv * KB;     // (QB, KB): bias block cut at the bias's last column
   for (int64_t j = 0; j < n; ++j) {
-    std::memcpy(qp + j * dqk, q + j * q_stride, dqk * sizeof(float));
-    std::memcpy(gp + j * dv, g + j * g_stride, dv * sizeof(float));
-    std::memcpy(kr + j * dqf, k + j * k_stride, dqf * sizeof(float));
+    copy_row(qp + j * dqk, q + j * q_stride, dqk);
+    copy_row(gp + j * dv, g + j * g_stride, dv);
+    copy_row(kr + j * dqf, k + j * k_stride, dqf);
     for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
     for (int64_t c = 0; c < dv; ++c) vt[c * Lp + j] = v[j * v_stride + c];
   }
@@ -406,13 +438,7 @@ template <int NV>
 inline void load_row(const float* p, int64_t C, v8 (&x)[NV]) {
   for (int c = 0; c < NV; ++c) {
     const int64_t left = C - 8 * c;
-    if (left >= 8) {
-      x[c] = load(p + 8 * c);
-    } else {
-      float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      std::memcpy(t, p + 8 * c, left * sizeof(float));
-      x[c] = load(t);
-    }
+    x[c] = left >= 8 ? load(p + 8 * c) : load_first(p + 8 * c, left);
   }
 }
 
@@ -420,13 +446,10 @@ template <int NV>
 inline void store_row(float* p, int64_t C, const v8 (&x)[NV]) {
   for (int c = 0; c < NV; ++c) {
     const int64_t left = C - 8 * c;
-    if (left >= 8) {
+    if (left >= 8)
       store(p + 8 * c, x[c]);
-    } else {
-      float t[8];
-      store(t, x[c]);
-      std::memcpy(p + 8 * c, t, left * sizeof(float));
-    }
+    else
+      store_first(p + 8 * c, left, x[c]);
   }
 }
 
