@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from genrec.data.batches import Batch
-from genrec.models.layers import Dropout, check_length
+from genrec.models.layers import Dropout, check_length, is_static
 
 
 @dataclass
@@ -52,7 +53,12 @@ class GRU4Rec(nn.Module):
         B, L = batch.items.shape
         check_length(L, self.cfg.max_len)
         x = self.dropout(self.item_embedding(batch.items))  # (B, L, D)
-        h, _ = self.gru(x)  # (B, L, hidden)
+        lengths = batch.lengths.clamp(min=1, max=L)
+        if is_static() or bool((lengths == L).all()):
+            h, _ = self.gru(x)  # (B, L, hidden)
+        else:  # the recurrence steps only through each row's real events (a random batch is mostly padding)
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            h, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)
         return self.out(h) * batch.padding_mask.unsqueeze(-1)  # (B, L, D)
 
     def item_vectors(self) -> torch.Tensor:
