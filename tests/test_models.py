@@ -412,18 +412,24 @@ def test_gather_scalars_backward_under_broadcast():
     torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu"])
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "mamba4rec", "bert4rec"])
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     from genrec.data.batches import Batch
-    from genrec.models import HSTU, HSTUConfig, SASRec, SASRecConfig
+    from genrec.models import BERT4Rec, BERT4RecConfig, HSTU, HSTUConfig, Mamba4Rec, SASRec, SASRecConfig
 
     def build():
         torch.manual_seed(0)
         if name == "sasrec":
             return SASRec(SASRecConfig(dim=8, num_heads=2, ffn_dim=8, max_len=6, dropout=0.3), 20)
+        if name == "mamba4rec":
+            return Mamba4Rec(replace(CONFIGS["mamba4rec"], dropout=0.3), 20)
+        if name == "bert4rec":
+            return BERT4Rec(BERT4RecConfig(dim=8, num_heads=2, ffn_dim=8, max_len=6, dropout=0.3, attn_dropout=0.3), 20)
         return HSTU(HSTUConfig(dim=8, num_heads=2, qk_dim=4, v_dim=4, max_len=6, dropout=0.3, linear_dropout=0.3), 20)
 
-    batch = Batch(items=torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]), lengths=torch.tensor([4, 2]))
+    # mostly padding, so the packed tokens and length groups are what gets checkpointed
+    batch = Batch(items=torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0], [7, 0, 0, 0]]), lengths=torch.tensor([4, 2, 1]),
+                  cloze=name == "bert4rec")
     grads = []
     for ckpt in (False, True):
         model = build().train()

@@ -68,11 +68,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def attend(self, qkv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(b, m, 3D) -> (b, m, D): every query sees the first ``lengths`` keys of its row."""
+        """(b, m, 3D) -> (b, m, D): every query sees the first ``lengths`` keys of its row (at least one)."""
         b, m, D3 = qkv.shape
         D, H = D3 // 3, self.num_heads
         q, k, v = qkv.view(b, m, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (b, H, m, d)
-        real = torch.arange(m, device=qkv.device)[None, :] < lengths[:, None]
+        real = torch.arange(m, device=qkv.device)[None, :] < lengths.clamp(min=1)[:, None]  # (an empty row: no NaN)
         key_bias = torch.zeros(b, 1, 1, m, dtype=q.dtype, device=q.device).masked_fill_(
             ~real[:, None, None, :], float("-inf"))
         if self.training and self.attn_dropout > 0 and qkv.device.type == "cpu":

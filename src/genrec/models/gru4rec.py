@@ -53,11 +53,11 @@ class GRU4Rec(nn.Module):
         B, L = batch.items.shape
         check_length(L, self.cfg.max_len)
         x = self.dropout(self.item_embedding(batch.items))  # (B, L, D)
-        lengths = batch.lengths.clamp(min=1, max=L)
+        lengths = batch.lengths.clamp(min=1, max=L).cpu()  # (pack_padded_sequence takes CPU lengths)
         if is_static() or bool((lengths == L).all()):
             h, _ = self.gru(x)  # (B, L, hidden)
         else:  # the recurrence steps only through each row's real events (a random batch is mostly padding)
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             h, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=L)
         return self.out(h) * batch.padding_mask.unsqueeze(-1)  # (B, L, D)
 

@@ -123,7 +123,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     convolution backward was a fifth of a Beauty training step)."""
     K, l = weight.shape[-1], x.shape[1]
     xp = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zero steps before the start
-    w = weight[:, 0, :]  # (C, K)
+    w, bias = weight[:, 0, :].to(x.dtype), bias.to(x.dtype)  # (C, K); x's dtype, as conv1d under autocast
     y = torch.addcmul(bias, xp[:, K - 1:], w[:, K - 1])
     for k in range(K - 1):
         y = torch.addcmul(y, xp[:, k:k + l], w[:, k])

@@ -126,7 +126,7 @@ inline void weighted_columns(const float* w, const float* rows, float* acc, int6
     });
 }
 
-// The first n (1 <= n <= 8) floats at p as a vector, zero beyond, and back: AVX2's masked load and store
+// The first n (0 <= n <= 8) floats at p as a vector, zero beyond, and back: AVX2's masked load and store
 // (nothing past n is touched), else through a small buffer.
 inline v8 load_first(const float* p, int64_t n) {
 #ifdef __AVX2__
