@@ -79,12 +79,12 @@ def test_full_softmax_many_chunks_and_upstream_scale():
 def test_full_softmax_scores_items_in_column_blocks(monkeypatch):
     """On CPU the logits are made a block of items at a time, straight into their columns: the same
     products as one matmul (several blocks and a partial one here), and the same loss and gradients."""
-    import genrec.losses as losses
+    import genrec.models.scoring as scoring
 
-    monkeypatch.setattr(losses, "LOGIT_COLUMNS", 7)
     g = torch.Generator().manual_seed(4)
     q, items = torch.randn(30, 8, generator=g), torch.randn(45, 8, generator=g)  # 6 blocks of 7 and one of 3
-    torch.testing.assert_close(losses._logits(q, items, autocast=False), q @ items.T, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(scoring, "SCORE_COLUMNS", 7)
+    torch.testing.assert_close(scoring.scores_against(q, items), q @ items.T, atol=1e-6, rtol=1e-6)
     targets = torch.randint(1, 45, (30,), generator=g)
     got = _grads(lambda q, it: full_softmax(q, targets, it, 0.7), q, items)
     want = _grads(lambda q, it: _full_softmax_plain(q, targets, it, 0.7), q, items)

@@ -155,7 +155,11 @@ def ranking_setup():
 @pytest.mark.parametrize("which", ["valid", "test"])
 @pytest.mark.parametrize("exclude_history", [True, False])
 @pytest.mark.parametrize("max_len", [2, 50])
-def test_rank_targets_vs_brute_force(ranking_setup, which, exclude_history, max_len):
+@pytest.mark.parametrize("score_columns", [512, 3])  # one matmul per item chunk / column blocks of 3 items
+def test_rank_targets_vs_brute_force(ranking_setup, which, exclude_history, max_len, score_columns, monkeypatch):
+    import genrec.models.scoring as scoring
+
+    monkeypatch.setattr(scoring, "SCORE_COLUMNS", score_columns)
     store, split, table = ranking_setup
     examples = split.examples(which)
     want = _brute_ranks(store, examples, table, max_len, exclude_history)

@@ -21,7 +21,7 @@ from genrec.data.split import EvalExamples, train_item_counts
 from genrec.data.store import SequenceStore
 from genrec.eval.metrics import ranking_metrics
 from genrec.models import next_item_queries
-from genrec.models.scoring import Scorer
+from genrec.models.scoring import Scorer, scores_against
 
 
 @dataclass
@@ -87,7 +87,7 @@ def rank_targets(query_fn, item_table: torch.Tensor, store: SequenceStore, examp
         count = torch.zeros(len(users), dtype=torch.long, device=device)
         for c0 in range(0, n_items, item_chunk):
             c1 = min(n_items, c0 + item_chunk)
-            scores = q @ item_table[c0:c1].T  # (B, C)
+            scores = scores_against(q, item_table[c0:c1])  # (B, C)
             if c0 == 0:
                 scores[:, 0] = -torch.inf  # padding
             if exclude_history:

@@ -28,29 +28,13 @@ from torch.autograd.function import once_differentiable
 
 from genrec.config import LossConfig
 from genrec.models import kernels
-from genrec.models.scoring import Scorer
+from genrec.models.scoring import Scorer, scores_against
 
 NEG_INF = -1e9
 
 
 SOFTMAX_ROWS = 512  # full softmax: positions per chunk at most ...
 SOFTMAX_BLOCK = 2**24  # ... and logits per chunk at most (64 MiB in fp32)
-
-
-LOGIT_COLUMNS = 512  # items per matmul when scoring a chunk against the whole table on CPU
-
-
-def _logits(q: torch.Tensor, items: torch.Tensor, autocast: bool) -> torch.Tensor:
-    """``q @ items.T``. On CPU in fp32 / fp64, LOGIT_COLUMNS items at a time, each product written straight
-    into its columns of the (n, I) result: MKL picks a slow blocking for the whole K = 64, N = 12k
-    product (about 30 GFLOP/s on one thread against 60 for the other two matmuls of the loss; 512 x 12,102
-    x 64: 21-24 ms whole, 16 ms in blocks), and the blocks give the same bits."""
-    if autocast or q.device.type != "cpu" or len(items) <= LOGIT_COLUMNS:
-        return q @ items.T
-    out = q.new_empty(len(q), len(items))
-    for s in range(0, len(items), LOGIT_COLUMNS):
-        torch.mm(q, items[s:s + LOGIT_COLUMNS].T, out=out[:, s:s + LOGIT_COLUMNS])
-    return out
 
 
 def _softmax_pass(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int,
@@ -66,7 +50,7 @@ def _softmax_pass(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, t
     chunk_size = max(1, min(chunk_size, SOFTMAX_ROWS, SOFTMAX_BLOCK // items.shape[0]))
     for s in range(0, len(q), chunk_size):
         qc, tc = q_scaled[s:s + chunk_size], targets[s:s + chunk_size]
-        logits = _logits(qc, items, autocast).to(dtype)  # (n, I + 1)
+        logits = scores_against(qc, items).to(dtype)  # (n, I + 1)
         logits[:, 0] = NEG_INF  # padding is never a candidate
         target_logit = logits.gather(1, tc[:, None]).squeeze(1)
         top = logits.amax(dim=1, keepdim=True)
