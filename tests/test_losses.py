@@ -84,6 +84,7 @@ def test_full_softmax_scores_items_in_column_blocks(monkeypatch):
     g = torch.Generator().manual_seed(4)
     q, items = torch.randn(30, 8, generator=g), torch.randn(45, 8, generator=g)  # 6 blocks of 7 and one of 3
     monkeypatch.setattr(scoring, "SCORE_COLUMNS", 7)
+    monkeypatch.setattr(scoring, "BLOCKED_FROM", 0)
     torch.testing.assert_close(scoring.scores_against(q, items), q @ items.T, atol=1e-6, rtol=1e-6)
     targets = torch.randint(1, 45, (30,), generator=g)
     got = _grads(lambda q, it: full_softmax(q, targets, it, 0.7), q, items)

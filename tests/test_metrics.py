@@ -160,6 +160,7 @@ def test_rank_targets_vs_brute_force(ranking_setup, which, exclude_history, max_
     import genrec.models.scoring as scoring
 
     monkeypatch.setattr(scoring, "SCORE_COLUMNS", score_columns)
+    monkeypatch.setattr(scoring, "BLOCKED_FROM", 0)
     store, split, table = ranking_setup
     examples = split.examples(which)
     want = _brute_ranks(store, examples, table, max_len, exclude_history)

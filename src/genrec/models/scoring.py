@@ -28,15 +28,19 @@ class Scorer:
         return scores_against(self.queries(hidden), self.items(table))
 
 
-SCORE_COLUMNS = 512  # items per matmul when scoring queries against a whole item table on CPU
+SCORE_COLUMNS = 512  # items per matmul when scoring many queries against a large item table on CPU ...
+BLOCKED_FROM = 2**20  # ... from this many scores per thread (smaller products: one matmul is as fast)
 
 
 def scores_against(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``q @ table.T``, (B, D) x (I, D) -> (B, I). On CPU outside autocast, SCORE_COLUMNS items at a time,
-    each product written straight into its columns of the result: for a whole table MKL picks a slow
-    blocking (K = 64, N = 12k: about 30 GFLOP/s on one thread, against 60 for the loss's other matmuls;
-    512 x 12,102 x 64 took 21-24 ms whole, 16 ms in blocks), and the blocks give the same bits."""
-    if q.device.type != "cpu" or torch.is_autocast_enabled("cpu") or len(table) <= SCORE_COLUMNS or q.dim() != 2:
+    """``q @ table.T``, (B, D) x (I, D) -> (B, I). On CPU outside autocast, for large products,
+    SCORE_COLUMNS items at a time, each product written straight into its columns of the result: for a
+    whole large table MKL picks a slow blocking (D = 64: one thread, 512 x 12,102 scores 23 ms whole
+    against 15 in blocks, 128 x 12,102 6.6 against 4.7, 512 x 3,707 7.8 against 5.5; two threads
+    512 x 12,102 12.9 against 9.0, the smaller ones equal or faster whole), and the blocks give the same
+    bits. One query (a request) or a small table: one matmul."""
+    if (q.device.type != "cpu" or torch.is_autocast_enabled("cpu") or q.dim() != 2 or len(table) <= SCORE_COLUMNS
+            or len(q) * len(table) < BLOCKED_FROM * torch.get_num_threads()):
         return q @ table.T
     out = q.new_empty(len(q), len(table))
     for s in range(0, len(table), SCORE_COLUMNS):
