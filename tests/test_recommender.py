@@ -12,6 +12,8 @@ from genrec.data.store import SequenceStore
 from genrec.eval.ranking import last_hidden
 from genrec.infer.recommender import Recommender
 
+from conftest import train_tiny
+
 
 def test_queries_equal_evaluation_queries(hstu_run, tiny_data_dir):
     """With the history's timestamps and the target's time, recommend() scores exactly as evaluate() ranks."""
@@ -29,6 +31,30 @@ def test_queries_equal_evaluation_queries(hstu_run, tiny_data_dir):
     # the time matters: another query time gives another query
     other = rec.encode(hist, times, np.asarray(store.timestamps[rows]) + 10**7)
     assert not torch.allclose(other, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 2, "ffn_dim": 16},
+    {"name": "bert4rec", "dim": 16, "num_blocks": 1, "num_heads": 2, "ffn_dim": 16},
+    {"name": "mamba4rec", "dim": 16, "num_blocks": 1, "d_state": 4, "head_dim": 8, "ffn_dim": 16},
+    {"name": "gru4rec", "dim": 16, "hidden_size": 16},
+], ids=lambda m: m["name"])
+def test_every_model_recommends_with_the_evaluation_queries(model, tiny_data_dir, tmp_path):
+    """Histories of mixed lengths, some cut at max_len: the Recommender's queries (its own batching,
+    longest first) equal evaluation's, for the models other than HSTU too, and top-k comes back."""
+    run = train_tiny(tiny_data_dir, tmp_path / model["name"], model, epochs=1)
+    store = SequenceStore.load(tiny_data_dir)
+    split = leave_one_out(store)
+    rec = Recommender.load(run)
+    users, rows = split.test.users[:40], split.test.target_rows[:40]
+    with torch.no_grad():
+        want = last_hidden(rec.model, rec.scorer)(eval_batch(store, users, rows, rec.max_len))
+    hist = [np.asarray(store.items[max(store.offsets[u], r - rec.max_len):r]) for u, r in zip(users, rows)]
+    assert len({len(h) for h in hist}) > 3  # mixed lengths: packed tokens and length groups are used
+    got = rec.encode(hist)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    out = rec.recommend([store.item_vocab.to_raw(h).tolist() for h in hist[:3]], k=5)
+    assert len(out) == 3 and all(len(r.items) == 5 and r.unknown == 0 and not r.fallback for r in out)
 
 
 def test_recommend_raw_ids_exclusion_and_fallback(hstu_run, tiny_data_dir):
