@@ -425,9 +425,13 @@ class HSTULayer(nn.Module):
             return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, False))) + x
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
-        u = F.silu(uvqk[:, :H * dv]) if cfg.silu == "u" else uvqk[:, :H * dv]
+        # one split for all four: its backward is one concatenation of their gradients (a separate slice
+        # for U would add a zero-filled (N, W) gradient and a sum of the two in backward)
+        u, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        if cfg.silu == "u":
+            u = F.silu(u)
         bias = self.rab(L, buckets) if self.rab is not None else None  # (B or 1, L, L)
-        if (o := self._compiled_attention(uvqk, tokens, lengths, bias)) is not None:
+        if (o := self._compiled_attention(v, q, k, tokens, lengths, bias)) is not None:
             return self.output(u, o, x)
         # attention needs the (B, L) layout: V, Q and K go back to padded rows in one copy
         v, q, k = torch.split(tokens.unpack(uvqk[:, H * dv:]), [H * dv, H * dqk, H * dqk], dim=-1)
@@ -440,24 +444,23 @@ class HSTULayer(nn.Module):
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
         return self.output(u, o, x)
 
-    def _compiled_attention(self, uvqk: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor | None:
-        """The normalised attention output (N, H*dv) straight from the packed projection (after SiLU) through
-        the compiled kernels (training included), or None when they do not apply. No unpacking to the (B, L)
-        grid and back: the kernels read each row's tokens where they are."""
+    def _compiled_attention(self, v: torch.Tensor, q: torch.Tensor, k: torch.Tensor, tokens: Tokens,
+                            lengths: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The normalised attention output (N, H*dv) straight from the packed projection's V, Q and K (after
+        SiLU) through the compiled kernels (training included), or None when they do not apply. No
+        unpacking to the (B, L) grid and back: the kernels read each row's tokens where they are."""
         cfg = self.cfg
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         if is_static():
             return None
-        _, v, q, k = torch.split(uvqk, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
-        N = uvqk.shape[0]
+        N = v.shape[0]
         o = compiled_silu_attention(q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias, lengths,
                                     tokens.starts(lengths))  # (N, H, dv)
         if o is None:
             return None
-        norm = self.normaliser(tokens.L, lengths, uvqk.device)
+        norm = self.normaliser(tokens.L, lengths, v.device)
         if isinstance(norm, torch.Tensor) and norm.dim() == 4:  # visible: one count per query position
             norm = tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1))
         return (o / norm).view(N, H * dv)
