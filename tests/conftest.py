@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny synthetic dataset (in memory and saved) and a hand-made store builder."""
+"""Shared fixtures: the tiny synthetic dataset (in memory and saved) and a hand-made store builder; helpers
+that train a tiny run and compare two ways of running a model."""
 
 from __future__ import annotations
 
@@ -58,3 +59,25 @@ def hstu_run(tiny_data_dir, tmp_path_factory):
     """A tiny trained HSTU run with the time bias (for the Recommender, the batch CLI, the server)."""
     return train_tiny(tiny_data_dir, tmp_path_factory.mktemp("rec") / "hstu",
                       {"name": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 2, "qk_dim": 8, "v_dim": 8})
+
+
+def output_and_grads(model, batch):
+    """A model's output on ``batch`` and every parameter's gradient (None when it gets none) of a fixed
+    weighting of that output: what two equivalent ways of running the model must agree on."""
+    out = model(batch)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    return out.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_output_and_grads(got, want, padding_mask, every_parameter: bool = False):
+    """``output_and_grads`` results agree: outputs to 1e-5, zero at padding, the same parameters with
+    gradients (all of them with ``every_parameter``), each to 1e-4."""
+    (out, grads), (ref, ref_grads) = got, want
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[~padding_mask] == 0)
+    assert {n for n, g in grads.items() if g is None} == {n for n, g in ref_grads.items() if g is None}
+    if every_parameter:
+        assert all(g is not None for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        if g is not None:
+            torch.testing.assert_close(grads[n], g, atol=1e-4, rtol=1e-4, msg=n)

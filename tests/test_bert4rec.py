@@ -9,6 +9,8 @@ import torch
 from genrec.data.batches import Batch
 from genrec.models import BERT4Rec, BERT4RecConfig
 
+from conftest import assert_same_output_and_grads, output_and_grads
+
 NUM_ITEMS = 30
 CFG = BERT4RecConfig(dim=8, num_blocks=2, num_heads=2, ffn_dim=16, dropout=0.1, attn_dropout=0.1, mask_prob=0.3,
                      max_len=12)
@@ -149,12 +151,5 @@ def test_packed_tokens_and_length_groups_equal_the_padded_batch(monkeypatch):
         original = layers.in_length_groups
         monkeypatch.setattr("genrec.models.bert4rec.in_length_groups",
                             lambda fn, seq, lengths: original(fn, seq, lengths, group=3))  # 3 groups
-        model = make_model()
-        out = model(batch)
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert torch.all(b[~batch.padding_mask] == 0)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], atol=1e-4, rtol=1e-4, msg=n)
+        results.append(output_and_grads(make_model(), batch))
+    assert_same_output_and_grads(results[1], results[0], batch.padding_mask, every_parameter=True)

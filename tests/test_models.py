@@ -17,6 +17,8 @@ from genrec.models.hstu import HSTUConfig, RelativeBias, gather_scalars, toeplit
 from genrec.models.mamba4rec import Mamba4RecConfig
 from genrec.models.sasrec import SASRecConfig
 
+from conftest import assert_same_output_and_grads, output_and_grads
+
 NUM_ITEMS = 30
 ATOL = 1e-5
 
@@ -490,16 +492,8 @@ def test_packed_tokens_equal_padded_tokens(name, monkeypatch):
     results = []
     for threshold in (0.0, 2.0):  # never pack / always pack
         monkeypatch.setattr(layers, "PACK_BELOW", threshold)
-        model = make_model(name)
-        out = model(batch)
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert torch.all(b[~batch.padding_mask] == 0)
-    assert ga.keys() == gb.keys()
-    for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], atol=1e-4, rtol=1e-4, msg=n)
+        results.append(output_and_grads(make_model(name), batch))
+    assert_same_output_and_grads(results[1], results[0], batch.padding_mask)
 
 
 def test_gru4rec_packed_sequence_equals_the_padded_recurrence():
@@ -510,16 +504,9 @@ def test_gru4rec_packed_sequence_equals_the_padded_recurrence():
     batch = make_batch([9, 2, 5, 1, 9], seed=12)
     results = []
     for static in (True, False):
-        model = make_model("gru4rec")
         with static_shapes() if static else contextlib.nullcontext():
-            out = model(batch)
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert torch.all(b[~batch.padding_mask] == 0)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], atol=1e-4, rtol=1e-4, msg=n)
+            results.append(output_and_grads(make_model("gru4rec"), batch))
+    assert_same_output_and_grads(results[1], results[0], batch.padding_mask, every_parameter=True)
 
 
 @pytest.mark.parametrize("group", [1, 2, 16])
