@@ -157,16 +157,11 @@ inline void copy_row(float* dst, const float* src, int64_t n) {
   if (i < n) store_first(dst + i, n - i, load_first(src + i, n - i));
 }
 
-// p[0, count) <- SiLU(p[0, count)), whole vectors and one padded partial vector
+// p[0, count) <- SiLU(p[0, count)), whole vectors and one partial vector (masked)
 void silu_inplace(float* p, int64_t count) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) store(p + i, silu8(load(p + i)));
-  if (i < count) {
-    float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(tail, p + i, (count - i) * sizeof(float));
-    store(tail, silu8(load(tail)));
-    std::memcpy(p + i, tail, (count - i) * sizeof(float));
-  }
+  if (i < count) store_first(p + i, count - i, silu8(load_first(p + i, count - i)));
 }
 
 // One (batch row, head): n real positions. q, k, v, out point at position 0 of this head; strides are per
