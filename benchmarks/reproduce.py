@@ -12,6 +12,9 @@ it (``--resume``), so rows can be run a few at a time, across sessions. Missing 
 first with the command of the dataset (reading ../shared/data at run time). ``--epochs N`` caps the
 preset's epochs (the table then shows the cap and the command with it); a row is reported from its
 runs' report.json: test metrics at the epoch chosen on validation NDCG@10, mean ± std over seeds.
+A finished seed's small result files (report, per-epoch metrics, wall time, config; no checkpoint, no
+data) are copied to benchmarks/reproduce_runs/, which is committed: the table is rebuilt from them on a
+machine where runs/ is gone. A row with neither keeps its line from the RESULTS.md table already written.
 Protocol for every row: leave-one-out, full ranking over all items, the user's history excluded.
 Presets with ``train.refit = true`` (the ML-1M rows with published numbers, which train on the
 validation event) add a "refit" line: a fresh model trained on training + validation events for the
@@ -33,6 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUNS = REPO / "runs" / "reproduce"
+ARCHIVE = HERE / "reproduce_runs"  # committed copies of finished seeds' result files
+ARCHIVED_FILES = ("report.json", "metrics.jsonl", "wall.json", "config.toml")
+RESULTS = HERE / "RESULTS.md"
 SHARED = REPO.parent / "shared" / "data"
 
 DATASETS = {
@@ -94,6 +100,30 @@ def run_dir(row: Row, seed: int) -> Path:
     return RUNS / f"{row.dataset}-{row.model}" / f"seed{seed}"
 
 
+def archive_dir(row: Row, seed: int) -> Path:
+    return ARCHIVE / f"{row.dataset}-{row.model}" / f"seed{seed}"
+
+
+def result_dir(row: Row, seed: int) -> Path:
+    """Where a seed's results are read from: its run directory when it has finished here, else the archive
+    when the seed finished elsewhere, else the run directory (a run going on, or nothing)."""
+    out, kept = run_dir(row, seed), archive_dir(row, seed)
+    return kept if not (out / "report.json").is_file() and (kept / "report.json").is_file() else out
+
+
+def archive(row: Row, seed: int) -> bool:
+    """Copy a finished seed's result files into the archive (replacing an older copy); False if unfinished."""
+    out = run_dir(row, seed)
+    if not (out / "report.json").is_file():
+        return False
+    dest = archive_dir(row, seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED_FILES:
+        if (out / name).is_file():
+            (dest / name).write_bytes((out / name).read_bytes())
+    return True
+
+
 def train_command(row: Row, seed: int, epochs: int | None, resume: bool, threads: int = 0) -> list[str]:
     cmd = ["genrec", "train", row.config, f"train.seed={seed}"]
     if epochs:
@@ -144,6 +174,7 @@ def run_row(row: Row, epochs: int | None, threads: int = 0) -> None:
         record_wall()
         if returncode:
             sys.exit(f"{row.key} seed {seed} failed (exit {returncode}); rerun this command to resume")
+        archive(row, seed)
 
 
 def _preset_asks_more(row: Row, out: Path, epochs: int | None) -> bool:
@@ -165,7 +196,7 @@ def row_results(row: Row) -> dict | None:
     """The finished seeds' reports (None when no seed has finished yet); ``seeds`` says which."""
     reports, walls, epochs_run, commands, seeds, continuing = [], [], [], [], [], []
     for seed in row.seeds:
-        out = run_dir(row, seed)
+        out = result_dir(row, seed)
         if not (out / "metrics.jsonl").is_file():
             continue
         records = _records(out / "metrics.jsonl")
@@ -201,7 +232,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def seed_done(row: Row, seed: int, epochs: int | None = None) -> bool:
-    out = run_dir(row, seed)
+    out = result_dir(row, seed)
     return (out / "report.json").is_file() and not _preset_asks_more(row, out, epochs)
 
 
@@ -216,12 +247,19 @@ def table() -> str:
              "full ranking over all items with the user's history excluded, test metrics at the epoch chosen "
              "on validation NDCG@10. Rows with three seeds show mean ± std (rows still running: the seeds done so "
              "far, their verdict marked 'so far'). `pop` = popularity baseline on the "
-             "same test split. Wall time = `genrec train` on this 2-core machine (all seeds, summed).", "",
+             "same test split. Wall time = `genrec train` on this 2-core machine (all seeds, summed). "
+             "Rows with no run files here or in benchmarks/reproduce_runs/ (rows run before that archive existed) "
+             "keep the line of the table written then.", "",
              "| dataset | model | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | published HR@10 / "
              "NDCG@10 | target | epochs run (best) | wall | pop HR@10 | command | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
+    previous = previous_lines()
     for row in ROWS:
         res = row_results(row)
+        if res is None and (row.dataset, row.model) in previous:  # run before the archive existed: keep its line
+            lines += [previous[row.dataset, m] for m in (row.model, f"{row.model} (refit)")
+                      if (row.dataset, m) in previous]
+            continue
         if res is None:
             lines.append(f"| {row.dataset} | {row.model} | not run yet (0/{len(row.seeds)} seeds) |" + " |" * 14)
             continue
@@ -249,6 +287,29 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def previous_lines() -> dict[tuple[str, str], str]:
+    """The rows of the reproduction table already in RESULTS.md, by (dataset, model cell); rows not run are left out."""
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    start, end = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
+    if start not in text or end not in text:
+        return {}
+    out = {}
+    for line in text[text.index(start):text.index(end)].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|", 3)]
+        if (line.startswith("| ") and len(cells) == 4 and cells[0] != "dataset" and not cells[2].startswith("not run")):
+            out[cells[0], cells[1]] = line
+    return out
+
+
+def _previous_means(dataset: str, model: str) -> tuple[float, float] | None:
+    """HR@10 and NDCG@10 (the means) of a row kept from the table already written."""
+    line = previous_lines().get((dataset, model))
+    if line is None:
+        return None
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return float(cells[2].split()[0]), float(cells[3].split()[0])
+
+
 def _line(row: Row, model: str, tests: list[dict], partial: bool, epochs: str, wall: str, pop: float, cmd: str,
           note: str) -> str:
     cells = [fmt([t[m] for t in tests]) for m in METRICS]
@@ -274,11 +335,15 @@ def _above_sasrec(row: Row, hr: float, nd: float) -> str:
     """Verdict of an "above our best SASRec" target: mean HR@10 and NDCG@10 against the dataset's SASRec row."""
     base = next((r for r in ROWS if r.dataset == row.dataset and r.model == "sasrec"), None)
     res = row_results(base) if base is not None else None
-    if res is None:
+    kept = _previous_means(row.dataset, "sasrec") if res is None else None
+    if res is None and kept is None:
         return row.target + " (our SASRec row is not run yet)"
-    b_hr = statistics.mean(r["test"]["hr@10"] for r in res["reports"])
-    b_nd = statistics.mean(r["test"]["ndcg@10"] for r in res["reports"])
-    seeds = "" if len(res["seeds"]) == len(base.seeds) else f", {len(res['seeds'])}/{len(base.seeds)} seeds"
+    if res is None:
+        (b_hr, b_nd), seeds = kept, ""
+    else:
+        b_hr = statistics.mean(r["test"]["hr@10"] for r in res["reports"])
+        b_nd = statistics.mean(r["test"]["ndcg@10"] for r in res["reports"])
+        seeds = "" if len(res["seeds"]) == len(base.seeds) else f", {len(res['seeds'])}/{len(base.seeds)} seeds"
     head = f"above our SASRec ({b_hr:.4f} / {b_nd:.4f}{seeds}): "
     if hr > b_hr and nd > b_nd:
         return head + "met"
@@ -313,6 +378,10 @@ def main() -> None:
         return
     for row in select(args.rows) if args.rows else []:
         run_row(row, args.epochs, args.threads)
+    if args.write:  # finished seeds' result files into the committed archive
+        for row in ROWS:
+            for seed in row.seeds:
+                archive(row, seed)
     if args.table or args.write or args.rows:
         text = table()
         print(text)
@@ -320,7 +389,7 @@ def main() -> None:
             sys.path.insert(0, str(HERE))
             from results_file import write_section
 
-            write_section("reproduce", "Reproduction table (`python benchmarks/reproduce.py`)", text)
+            write_section("reproduce", "Reproduction table (`python benchmarks/reproduce.py`)", text, RESULTS)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,13 @@ def fake_run(out: Path, hr: float, epochs: int = 5, best: int = 4, wall: float =
                                                  "popularity_test": {"hr@10": 0.01}}))
     (out / "metrics.jsonl").write_text("\n".join(json.dumps({"epoch": e}) for e in range(1, epochs + 1)))
     (out / "wall.json").write_text(json.dumps({"seconds": wall, "command": "genrec train x"}))
+
+
+@pytest.fixture(autouse=True)
+def no_archive_or_table(tmp_path, monkeypatch):
+    """Keep the tests away from the committed archive and RESULTS.md (they read and write their own)."""
+    monkeypatch.setattr(reproduce, "ARCHIVE", tmp_path / "archive")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "RESULTS.md")
 
 
 def only_row(row: reproduce.Row, tmp_path: Path, monkeypatch) -> Path:
@@ -200,3 +208,41 @@ def test_refit_line_of_a_row_with_some_seeds_refit(tmp_path, monkeypatch):
                                                     "popularity_test": {"hr@10": 0.01}}}))
     held_out, refit = [x for x in reproduce.table().splitlines() if x.startswith("| beauty")]
     assert "| met |" in held_out and "so far: met" in refit and "1 of 2 seeds refit so far" in refit
+
+
+def test_finished_seeds_are_archived_and_the_table_reads_them_when_runs_are_gone(tmp_path, monkeypatch):
+    row = reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published", seeds=[0, 1])
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "ROWS", [row])
+    fake_run(reproduce.run_dir(row, 0), 0.09)
+    (reproduce.run_dir(row, 1)).mkdir(parents=True)  # started, not finished: nothing to archive
+    assert reproduce.archive(row, 0) and not reproduce.archive(row, 1)
+    kept = reproduce.archive_dir(row, 0)
+    assert sorted(p.name for p in kept.iterdir()) == ["metrics.jsonl", "report.json", "wall.json"]
+    assert not any(p.suffix == ".pt" for p in kept.iterdir())
+    before = reproduce.table()
+    shutil.rmtree(tmp_path / "runs")  # a new machine: runs/ is gone, the archive is committed
+    assert reproduce.table() == before and "| 0.0900 |" in before and "seeds done: 0 of 2" in before
+    assert reproduce.seed_done(row, 0) and not reproduce.seed_done(row, 1)
+    fake_run(reproduce.run_dir(row, 0), 0.095)  # a newer finished run here wins over the archived copy
+    assert "| 0.0950 |" in reproduce.table()
+
+
+def test_rows_without_runs_or_archive_keep_their_previous_line(tmp_path, monkeypatch):
+    rows = [reproduce.Row("beauty", "sasrec", (0.0605, 0.0318), "S3-Rec paper", ">= published"),
+            reproduce.Row("ml-1m", "hstu", (0.3097, 0.1720), "HSTU paper", ">= published"),
+            reproduce.Row("beauty", "hstu", (0.1008, 0.0611), "BSARec (aim)", "above our best SASRec; aim"),
+            reproduce.Row("beauty", "gru4rec")]
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "ROWS", rows)
+    old_sasrec = "| beauty | sasrec | 0.0935 ± 0.0008 | 0.0570 ± 0.0002 | x | kept from before |"
+    old_hstu = "| ml-1m | hstu | 0.2992 | 0.1715 | held out |"
+    old_refit = "| ml-1m | hstu (refit) | 0.2998 | 0.1707 | refit |"
+    (tmp_path / "RESULTS.md").write_text("# Results\n\n<!-- reproduce:start -->\n## Reproduction\n\n| dataset | model |"
+                                         f"\n|---|---|\n{old_sasrec}\n{old_hstu}\n{old_refit}\n"
+                                         "| beauty | gru4rec | not run yet (0/1 seeds) | |\n<!-- reproduce:end -->\n")
+    fake_run(reproduce.run_dir(rows[2], 0), 0.092)  # below the kept SASRec line's mean
+    lines = [x for x in reproduce.table().splitlines() if x.startswith("| beauty") or x.startswith("| ml-1m")]
+    assert lines[:3] == [old_sasrec, old_hstu, old_refit]
+    assert "above our SASRec (0.0935 / 0.0570): MISSED by 1.6 % (HR@10)" in lines[3]
+    assert "not run yet (0/1 seeds)" in lines[4]
