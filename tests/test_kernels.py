@@ -481,3 +481,44 @@ def test_stack_without_timestamps_equals_the_stock_path_for_a_time_model(monkeyp
         got = model.next_item_queries(batch)
     assert calls == ["hstu_next_item_queries"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@needs_compiler
+def test_attention_kernels_scale_output_and_gradient():
+    """causal_silu_attention(..., scale) = scale * the unscaled output, and its backward with scale = the
+    unscaled backward of scale * grad (HSTU folds its 1 / n normaliser in there)."""
+    kernel = _built()
+    torch.manual_seed(3)
+    B, L, H, d = 3, 21, 2, 9
+    q, k, v = (torch.randn(B, L, H, d) for _ in range(3))
+    bias = torch.randn(1, L, L)
+    lengths, none = torch.tensor([21, 5, 13]), torch.empty(0)
+    plain = kernel.causal_silu_attention(q, k, v, bias, lengths, none)
+    torch.testing.assert_close(kernel.causal_silu_attention(q, k, v, bias, lengths, none, 0.125), plain * 0.125)
+    grad = torch.randn(B, L, H, d)
+    want = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, none, grad * 0.125, True)
+    got = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, none, grad, True, 0.125)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("attn_norm", ["max_len", "batch_max", "visible"])
+def test_hstu_training_equals_the_stock_path(attn_norm, monkeypatch):
+    """In training, HSTU through the compiled kernels (the normaliser folded into the attention kernels
+    when it is one number) gives the stock path's outputs and gradients, on packed rows of mixed length."""
+    from conftest import assert_same_output_and_grads, output_and_grads
+
+    torch.manual_seed(0)
+    cfg = HSTUConfig(dim=16, num_blocks=2, num_heads=2, qk_dim=8, v_dim=8, max_len=30, dropout=0.0,
+                     linear_dropout=0.0, attn_norm=attn_norm, output="concat", relative_bias="position")
+    model = HSTU(cfg, 40).train()  # "concat": the attention output reaches the model un-normalised too
+    lengths = torch.tensor([30, 4, 17, 1])
+    batch = Batch(items=torch.randint(1, 41, (4, 30)) * (torch.arange(30)[None] < lengths[:, None]), lengths=lengths)
+    with kernels.use_kernels(False):
+        want = output_and_grads(model, batch)
+    model.zero_grad()
+    calls = _spy_on_kernel(monkeypatch)
+    got = output_and_grads(model, batch)
+    assert calls.count("causal_silu_attention") == 2 and calls.count("causal_silu_attention_backward") == 2
+    assert_same_output_and_grads(got, want, batch.padding_mask, every_parameter=True)

@@ -259,11 +259,11 @@ class _CompiledSiluAttention(torch.autograd.Function):
     gradients at padding positions are zero."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, lengths, starts, kernel):
+    def forward(ctx, q, k, v, bias, lengths, starts, kernel, scale):
         args = _kernel_args(q, k, v, bias)
         ctx.save_for_backward(*args, lengths, starts)
-        ctx.kernel, ctx.has_bias = kernel, bias is not None
-        return kernel.causal_silu_attention(*args, lengths, starts)
+        ctx.kernel, ctx.has_bias, ctx.scale = kernel, bias is not None, scale
+        return kernel.causal_silu_attention(*args, lengths, starts, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -271,23 +271,24 @@ class _CompiledSiluAttention(torch.autograd.Function):
         q, k, v, bias, lengths, starts = ctx.saved_tensors
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         dq, dk, dv, dbias = ctx.kernel.causal_silu_attention_backward(
-            q, k, v, bias, lengths, starts, grad, ctx.has_bias and ctx.needs_input_grad[3])
-        return dq, dk, dv, dbias if dbias.numel() else None, None, None, None
+            q, k, v, bias, lengths, starts, grad, ctx.has_bias and ctx.needs_input_grad[3], ctx.scale)
+        return dq, dk, dv, dbias if dbias.numel() else None, None, None, None, None
 
 
-def compiled_silu_attention(q, k, v, bias, lengths, starts=None):
+def compiled_silu_attention(q, k, v, bias, lengths, starts=None, scale: float = 1.0):
     """The compiled kernels' causal SiLU attention, or None when they do not apply (not CPU float32, not
     built, forward-mode AD): (B, L, H, d) inputs, or packed (N, H, d) tokens with ``starts`` (B,), the
-    first token of each row (then returns (N, H, dv)). Differentiable (``_CompiledSiluAttention``)."""
+    first token of each row (then returns (N, H, dv)); the output times ``scale``, which costs nothing
+    there. Differentiable (``_CompiledSiluAttention``)."""
     if not kernels.applies(q, k, v, bias) or (kernel := kernels.silu_attention()) is None:
         return None
     if lengths is None:
         lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long)
     starts = starts if starts is not None else lengths.new_empty(0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return _CompiledSiluAttention.apply(q, k, v, bias, lengths, starts, kernel)
+        return _CompiledSiluAttention.apply(q, k, v, bias, lengths, starts, kernel, scale)
     with torch.no_grad():
-        return kernel.causal_silu_attention(*_kernel_args(q, k, v, bias), lengths, starts)
+        return kernel.causal_silu_attention(*_kernel_args(q, k, v, bias), lengths, starts, scale)
 
 
 def causal_silu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -451,19 +452,21 @@ class HSTULayer(nn.Module):
         unpacking to the (B, L) grid and back: the kernels read each row's tokens where they are."""
         cfg = self.cfg
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
-        if is_static():
+        if is_static() or v.device.type != "cpu":  # the kernels are CPU-only (and no normaliser sync on GPUs)
             return None
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
         N = v.shape[0]
+        norm = self.normaliser(tokens.L, lengths, v.device)
+        per_query = isinstance(norm, torch.Tensor) and norm.dim() == 4  # visible: one count per query position
+        scale = 1.0 if per_query else 1.0 / float(norm)  # one number: folded into the kernels' output
         o = compiled_silu_attention(q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias, lengths,
-                                    tokens.starts(lengths))  # (N, H, dv)
+                                    tokens.starts(lengths), scale)  # (N, H, dv)
         if o is None:
             return None
-        norm = self.normaliser(tokens.L, lengths, v.device)
-        if isinstance(norm, torch.Tensor) and norm.dim() == 4:  # visible: one count per query position
-            norm = tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1))
-        return (o / norm).view(N, H * dv)
+        if per_query:
+            o = o / tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1))
+        return o.view(N, H * dv)
 
     def _fused_kernel(self, x: torch.Tensor):
         """The compiled extension when it can run this layer's input norm (``layer_norm``) and middle

@@ -172,7 +172,7 @@ void silu_inplace(float* p, int64_t count) {
 void attention_task(const float* q, const float* k, const float* v, const float* bias, float* out,
                     int64_t n, int64_t zero_rows, int64_t dqk, int64_t dv, int64_t q_stride, int64_t k_stride,
                     int64_t v_stride, int64_t bias_stride, int64_t out_stride, bool silu_inputs, float q_scale,
-                    int64_t first, std::vector<float>& buf) {
+                    int64_t first, float out_scale, std::vector<float>& buf) {
   // Value columns: the first dvf (whole vectors) go through weighted_values with keys along the rows; the
   // last dt = dv - dvf (fewer than 8, e.g. 1 of dv = 25) are kept transposed, keys along the lanes, and
   // accumulated from the weights while they are still in registers (padding them to a vector would cost
@@ -249,6 +249,8 @@ void attention_task(const float* q, const float* k, const float* v, const float*
     }
     for (int r = 0; r < QB; ++r)
       for (int64_t c = 0; c < dt; ++c) acc_o[r * dvp + dvf + c] = hsum(load(acc_t + (r * dt + c) * 8));
+    if (out_scale != 1.0f)
+      for (int64_t c = 0; c < QB * dvp; c += 8) store(acc_o + c, load(acc_o + c) * splat(out_scale));
     for (int r = 0; r < QB && i0 + r < n; ++r)
       copy_row(out + (i0 + r - first) * out_stride, acc_o + r * dvp, dv);
   }
@@ -301,7 +303,7 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
                              float* dq, float* dk, float* dvo, float* dbias, int64_t n, int64_t Lb, int64_t dqk,
                              int64_t dv, int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t g_stride,
                              int64_t bias_stride, int64_t dq_stride, int64_t dk_stride, int64_t dv_stride,
-                             std::vector<float>& buf) {
+                             float g_scale, std::vector<float>& buf) {
   if (n <= 0) return;
   const int64_t Lp = (n + KB - 1) / KB * KB, Np = (n + QB - 1) / QB * QB;
   const int64_t dqf = dqk / 8 * 8, dqt = dqk - dqf, dqp = dqf + 8, nq = dqf / 8;
@@ -322,6 +324,8 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
   for (int64_t j = 0; j < n; ++j) {
     copy_row(qp + j * dqk, q + j * q_stride, dqk);
     copy_row(gp + j * dv, g + j * g_stride, dv);
+    if (g_scale != 1.0f)
+      for (int64_t c = 0; c < dv; ++c) gp[j * dv + c] *= g_scale;
     copy_row(kr + j * dqf, k + j * k_stride, dqf);
     for (int64_t d = 0; d < dqk; ++d) kt[d * Lp + j] = k[j * k_stride + d];
     for (int64_t c = 0; c < dv; ++c) vt[c * Lp + j] = v[j * v_stride + c];
@@ -614,9 +618,10 @@ const float* bias_of(const torch::Tensor& bias, int64_t b) {
 // fine); bias: (B or 1, Lb, Lb), Lb >= L, contiguous, or an empty tensor; lengths: (B,) integers. Returns
 // (B, L, H, dv), zero at padding positions; ``starts`` is then ignored (pass an empty tensor). With q, k
 // (N, H, dqk), v (N, H, dv): packed tokens instead, row b's positions at tokens starts[b] .. starts[b] +
-// lengths[b] - 1 (rows may not share tokens); returns (N, H, dv) (zero at tokens of no row).
+// lengths[b] - 1 (rows may not share tokens); returns (N, H, dv) (zero at tokens of no row). The output is
+// multiplied by ``scale`` (HSTU's normaliser 1 / n, folded in: no separate pass over it).
 torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
-                                    torch::Tensor lengths, torch::Tensor starts) {
+                                    torch::Tensor lengths, torch::Tensor starts, double scale) {
   const Rows rows = rows_of(q, k, v, nullptr, lengths, starts);
   check_cpu({&bias});
   if (bias.numel() > 0) check_bias(bias, rows.B, rows.L);
@@ -627,7 +632,7 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
                    v.data_ptr<float>() + rows.base(v, b, h), bias_of(bias, b),
                    out.data_ptr<float>() + rows.base(out, b, h), rows.n[b], rows.packed ? rows.n[b] : rows.L,
                    rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v), Lb, rows.step(out), false, 1.0f,
-                   0, buf);
+                   0, static_cast<float>(scale), buf);
   });
   return out;
 }
@@ -638,11 +643,12 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
 // empty tensor). One task per batch row (its heads in turn, so a per-row bias gradient has one writer),
 // handed out longest first as threads free up; a bias shared by the batch gets one gradient buffer per
 // worker slot, summed at the end, and then rows go to slots round-robin (a fixed summation order: the
-// same gradient in every run with the same number of threads).
+// same gradient in every run with the same number of threads). ``scale`` as the forward's (grad is
+// multiplied by it as it is read).
 std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor bias, torch::Tensor lengths,
                                                           torch::Tensor starts, torch::Tensor grad,
-                                                          bool bias_grad) {
+                                                          bool bias_grad, double scale) {
   const Rows rows = rows_of(q, k, v, &grad, lengths, starts);
   check_cpu({&bias});
   const bool has_bias = bias.numel() > 0;
@@ -683,7 +689,8 @@ std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch
                                 bias_of(bias, b), dq.data_ptr<float>() + rows.base(dq, b, h),
                                 dk.data_ptr<float>() + rows.base(dk, b, h), dv.data_ptr<float>() + rows.base(dv, b, h),
                                 db, rows.n[b], Lb, rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v),
-                                rows.step(grad), Lb, rows.step(dq), rows.step(dk), rows.step(dv), buf);
+                                rows.step(grad), Lb, rows.step(dq), rows.step(dk), rows.step(dv),
+                                static_cast<float>(scale), buf);
     }
   });
   for (auto& p : partial) dbias[0].add_(p);
@@ -741,7 +748,7 @@ torch::Tensor hstu_attention_gate(torch::Tensor uvqk, torch::Tensor starts, torc
     attention_task(row + 2 * C + h * dqk, row + 2 * C + H * dqk + h * dqk, row + C + h * dv,
                    bp ? bp + row_offset + b * row_size : nullptr,
                    op + (last_only ? b : sp[b]) * C + h * dv, lp[b], 0, dqk, dv, W, W, W, bias_stride, C, true,
-                   static_cast<float>(q_scale), last_only ? std::max<int64_t>(lp[b] - 1, 0) : 0, buf);
+                   static_cast<float>(q_scale), last_only ? std::max<int64_t>(lp[b] - 1, 0) : 0, 1.0f, buf);
   });
   std::vector<int64_t> tokens, rows;  // the query tokens and their output rows, split evenly between threads
   for (int64_t b = 0; b < B; ++b) {
@@ -1062,9 +1069,12 @@ bool built_with_openmp() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // no Python object is touched while it runs: other threads (the HTTP server's event loop) keep going
   m.def("causal_silu_attention", &causal_silu_attention, "causal SiLU attention forward (CPU, float32)",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("lengths"), py::arg("starts"),
+        py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("causal_silu_attention_backward", &causal_silu_attention_backward,
-        "gradients of the causal SiLU attention (CPU, float32)", py::call_guard<py::gil_scoped_release>());
+        "gradients of the causal SiLU attention (CPU, float32)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("grad"), py::arg("bias_grad"),
+        py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("hstu_attention_gate", &hstu_attention_gate,
         "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
         py::call_guard<py::gil_scoped_release>());
