@@ -105,10 +105,13 @@ def archive_dir(row: Row, seed: int) -> Path:
 
 
 def result_dir(row: Row, seed: int) -> Path:
-    """Where a seed's results are read from: its run directory when it has finished here, else the archive
-    when the seed finished elsewhere, else the run directory (a run going on, or nothing)."""
+    """Where a seed's results are read from: its run directory when it has finished here (or finished and
+    is being continued: its last report is in metrics.jsonl), else the archive when the seed finished
+    elsewhere, else the run directory (a first run going on, or nothing)."""
     out, kept = run_dir(row, seed), archive_dir(row, seed)
-    return kept if not (out / "report.json").is_file() and (kept / "report.json").is_file() else out
+    finished_here = (out / "report.json").is_file() or (
+        (out / "metrics.jsonl").is_file() and any(r.get("final") for r in _records(out / "metrics.jsonl")))
+    return kept if not finished_here and (kept / "report.json").is_file() else out
 
 
 def archive(row: Row, seed: int) -> bool:

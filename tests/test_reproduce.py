@@ -226,6 +226,15 @@ def test_finished_seeds_are_archived_and_the_table_reads_them_when_runs_are_gone
     assert reproduce.seed_done(row, 0) and not reproduce.seed_done(row, 1)
     fake_run(reproduce.run_dir(row, 0), 0.095)  # a newer finished run here wins over the archived copy
     assert "| 0.0950 |" in reproduce.table()
+    # that run continued here (more epochs): its report withdrawn, its last one in metrics.jsonl
+    out = reproduce.run_dir(row, 0)
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"final": True, **report}) + "\n" + json.dumps({"epoch": 6}) + "\n")
+    line = reproduce.table()
+    assert "| 0.0950 |" in line and "seed 0 continuing" in line and "so far" in line
+    assert not reproduce.seed_done(row, 0)
 
 
 def test_rows_without_runs_or_archive_keep_their_previous_line(tmp_path, monkeypatch):

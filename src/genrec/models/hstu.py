@@ -452,7 +452,7 @@ class HSTULayer(nn.Module):
         unpacking to the (B, L) grid and back: the kernels read each row's tokens where they are."""
         cfg = self.cfg
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
-        if is_static() or v.device.type != "cpu":  # the kernels are CPU-only (and no normaliser sync on GPUs)
+        if is_static() or not kernels.applies(v) or kernels.silu_attention() is None:  # CPU float32, built
             return None
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
