@@ -60,7 +60,10 @@ def test_fast_equals_dense_outputs_and_gradients(name):
         if a is None or b is None:
             assert a is None or a.abs().max() == 0, pname
             continue
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=pname)
+        # float32 sums of many terms: the absolute error grows with the gradient's scale (up to ~20 here;
+        # AVX-512 and AVX2 builds of the matmuls round differently), so the floor is relative to it
+        scale = max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4, msg=pname)
 
 
 def test_sampled_softmax_equals_dense():
