@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,12 +34,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from results_file import read_section, write_section  # benchmarks/, this script's folder
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUNS = REPO / "runs" / "reproduce"
 ARCHIVE = HERE / "reproduce_runs"  # committed copies of finished seeds' result files
 ARCHIVED_FILES = ("report.json", "metrics.jsonl", "wall.json", "config.toml")
 RESULTS = HERE / "RESULTS.md"
+SECTION = "reproduce"  # the table's section of RESULTS.md
 SHARED = REPO.parent / "shared" / "data"
 
 DATASETS = {
@@ -123,7 +127,7 @@ def archive(row: Row, seed: int) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ARCHIVED_FILES:
         if (out / name).is_file():
-            (dest / name).write_bytes((out / name).read_bytes())
+            shutil.copyfile(out / name, dest / name)
     return True
 
 
@@ -290,16 +294,16 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def previous_lines() -> dict[tuple[str, str], str]:
     """The rows of the reproduction table already in RESULTS.md, by (dataset, model cell); rows not run are left out."""
-    text = RESULTS.read_text() if RESULTS.is_file() else ""
-    start, end = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
-    if start not in text or end not in text:
-        return {}
     out = {}
-    for line in text[text.index(start):text.index(end)].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|", 3)]
-        if (line.startswith("| ") and len(cells) == 4 and cells[0] != "dataset" and not cells[2].startswith("not run")):
+    for line in read_section(SECTION, RESULTS).splitlines():
+        cells = _cells(line)
+        if line.startswith("| ") and len(cells) > 3 and cells[0] != "dataset" and not cells[2].startswith("not run"):
             out[cells[0], cells[1]] = line
     return out
 
@@ -309,7 +313,7 @@ def _previous_means(dataset: str, model: str) -> tuple[float, float] | None:
     line = previous_lines().get((dataset, model))
     if line is None:
         return None
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    cells = _cells(line)
     return float(cells[2].split()[0]), float(cells[3].split()[0])
 
 
@@ -389,10 +393,7 @@ def main() -> None:
         text = table()
         print(text)
         if args.write:
-            sys.path.insert(0, str(HERE))
-            from results_file import write_section
-
-            write_section("reproduce", "Reproduction table (`python benchmarks/reproduce.py`)", text, RESULTS)
+            write_section(SECTION, "Reproduction table (`python benchmarks/reproduce.py`)", text, RESULTS)
 
 
 if __name__ == "__main__":
