@@ -38,11 +38,14 @@ sys.path.insert(0, str(HERE))
 from throughput import CONFIGS  # noqa: E402  (the same ML-1M presets)
 
 
-def cache_file(model_name: str, path: str, seed: int, epochs: int, window: int) -> Path:
-    return REPO / "runs" / "parity" / f"{model_name}-{path}-w{window if path == 'genrec' else 0}-s{seed}-e{epochs}.json"
+def cache_file(model_name: str, path: str, seed: int, epochs: int, window: int, precision: str = "fp32") -> Path:
+    tag = f"-{precision}" if path == "genrec" and precision != "fp32" else ""
+    return (REPO / "runs" / "parity" /
+            f"{model_name}-{path}{tag}-w{window if path == 'genrec' else 0}-s{seed}-e{epochs}.json")
 
 
-def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, threads: int, window: int) -> dict:
+def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, threads: int, window: int,
+            precision: str = "fp32") -> dict:
     from dense_reference import dense_train_step
 
     from genrec.config import load_config
@@ -69,7 +72,7 @@ def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, t
         t = time.perf_counter()
         for batch in loader.epoch(epoch):
             if path == "genrec":
-                train_step(model, loss_fn, opt, batch)
+                train_step(model, loss_fn, opt, batch, precision=precision)
             else:
                 dense_train_step(model, cfg.loss, loss_fn.scorer, opt, batch, store.num_items)
         train_seconds += time.perf_counter() - t
@@ -79,8 +82,9 @@ def run_one(model_name: str, path: str, seed: int, epochs: int, data_dir: str, t
         history.append({"epoch": epoch + 1, "HR@10": report.metrics["hr@10"], "NDCG@10": report.metrics["ndcg@10"]})
         print(json.dumps({"progress": history[-1], "path": path, "seed": seed}), file=sys.stderr, flush=True)
     result = {"model": model_name, "path": path, "seed": seed, "epochs": epochs, "window": window,
-              "history": history, "train_seconds": train_seconds}
-    out = cache_file(model_name, path, seed, epochs, window)
+              "precision": precision if path == "genrec" else "fp32", "history": history,
+              "train_seconds": train_seconds}
+    out = cache_file(model_name, path, seed, epochs, window, precision)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result))
     return result
@@ -96,24 +100,27 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each uses --threads threads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--window", type=int, default=0, help="train.length_window of the genrec path (0: random batches)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="train.precision of the genrec path (bf16: matmuls on the bf16 units; the dense path stays fp32)")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.epochs, args.data, args.threads,
-                                 args.window)))
+                                 args.window, args.precision)))
         return
     if not (Path(args.data) / "manifest.json").is_file():
         sys.exit(f"{args.data} is not a prepared dataset: genrec prepare ml1m-seq ../shared/data/ml-1m data/ml-1m")
     runs = [("dense", args.seeds[0])] + [("genrec", s) for s in args.seeds]
     results, todo = [], []
     for path, seed in runs:
-        cached = cache_file(args.model, path, seed, args.epochs, args.window)
+        cached = cache_file(args.model, path, seed, args.epochs, args.window, args.precision)
         if cached.is_file():
             results.append(json.loads(cached.read_text()))
         else:
             todo.append([sys.executable, __file__, "--one", args.model, path, str(seed), "--epochs", str(args.epochs),
-                         "--data", args.data, "--threads", str(args.threads), "--window", str(args.window)])
+                         "--data", args.data, "--threads", str(args.threads), "--window", str(args.window),
+                         "--precision", args.precision])
     running = []
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -123,7 +130,7 @@ def main() -> None:
             running.remove(proc)
             if proc.returncode:
                 sys.exit(f"a run failed (exit {proc.returncode}): {' '.join(proc.args)}")
-    results = [json.loads(cache_file(args.model, path, seed, args.epochs, args.window).read_text())
+    results = [json.loads(cache_file(args.model, path, seed, args.epochs, args.window, args.precision).read_text())
                for path, seed in runs]
     table = format_table(results, args)
     print(table)
@@ -142,7 +149,9 @@ def format_table(results: list[dict], args) -> str:
     fast = [r for r in results if r["path"] == "genrec"]
     same_seed = next(r for r in fast if r["seed"] == dense["seed"])
     lines = [f"`python benchmarks/parity.py --model {args.model} --epochs {args.epochs} --seeds "
-             f"{' '.join(map(str, args.seeds))} --window {args.window}`: validation after each epoch (full ranking of the 6,040 ML-1M users, "
+             f"{' '.join(map(str, args.seeds))} --window {args.window}"
+             + (f" --precision {args.precision}" if args.precision != "fp32" else "")
+             + "`: validation after each epoch (full ranking of the 6,040 ML-1M users, "
              f"history excluded), {args.threads} thread(s) per run, {args.jobs} runs at once.", "",
              "| epoch | dense HR@10 | genrec HR@10 (same seed) | relative gap | "
              + " | ".join(f"genrec seed {r['seed']}" for r in fast if r is not same_seed) + " |",

@@ -12,7 +12,11 @@ tokens, jagged attention, the other tricks in the model and loss files) and (b) 
 it changes the batches, and it slowed learning on ML-1M: see the parity section of RESULTS.md). Each
 (model, path) runs in its own process so peak RSS is its own, ``--repeats`` times, the two paths
 alternating (this VM's speed drifts by 20-50 % between minutes: the speed-up is the median of the
-ratios of runs made one after the other). Reported: seconds per step, real training tokens per
+ratios of runs made one after the other). ``genrec-bf16`` is genrec's path with ``train.precision = "bf16"``
+(the projections on the CPU's bf16 units, SiLU, attention, norms, dropout and loss in float32 kernels;
+its quality effect: ``parity.py --precision bf16``); it runs by default where bf16 matmuls outpace fp32
+ones (bf16 units), and its speed-up is against the same float32 dense reference (the dense path under
+bf16 autocast is slower than in float32 here). Reported: seconds per step, real training tokens per
 second (padding excluded), useful FLOP/s (matmul work an ideal jagged implementation must do, forward
 + backward = 3 x forward) as a share of the measured fp32 matmul rate, peak RSS, and the full-ranking
 evaluation rate of the 6,040 ML-1M users (model forward included, history excluded). ``--write``
@@ -37,6 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+PATHS = ["genrec", "genrec-bf16", "dense"]
 CONFIGS = {"sasrec": "configs/ml-1m/sasrec.toml", "hstu": "configs/ml-1m/hstu.toml",
            "hstu-large": "configs/ml-1m/hstu-large.toml"}
 ML1M_RAW = REPO.parent / "shared" / "data" / "ml-1m"
@@ -82,7 +87,7 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
     from genrec.train.trainer import item_counts, load_data, seed_everything, train_step
 
     torch.set_num_threads(threads)
-    overrides = [f'data.path="{data_dir}"', f"train.length_window={window if path == 'genrec' else 0}"]
+    overrides = [f'data.path="{data_dir}"', f"train.length_window={window if path != 'dense' else 0}"]
     cfg = load_config(REPO / CONFIGS[model_name], overrides)
     seed_everything(0)
     store, split = load_data(cfg)
@@ -99,8 +104,8 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
     batches = [training_batch(store, users, split.train_end, cfg.data.max_len) for users in picks]
 
     def step(batch):
-        if path == "genrec":
-            return train_step(model, loss_fn, opt, batch)[1]
+        if path.startswith("genrec"):
+            return train_step(model, loss_fn, opt, batch, precision="bf16" if path == "genrec-bf16" else "fp32")[1]
         return dense_train_step(model, cfg.loss, loss_fn.scorer, opt, batch, store.num_items)
 
     model.train()
@@ -126,7 +131,7 @@ def measure_one(model_name: str, path: str, data_dir: str, steps: int, threads: 
 
 
 def _row(model: str, path: str, runs: dict, fp32: float) -> str:
-    """One table row: medians over the repeats; the dense row carries the speed-up, the median of the
+    """One table row: medians over the repeats; a genrec row carries its speed-up, the median of the
     genrec / dense ratios of runs made one after the other (their range in brackets)."""
     rs = runs[path]
 
@@ -134,8 +139,8 @@ def _row(model: str, path: str, runs: dict, fp32: float) -> str:
         return statistics.median(r[key] for r in rs)
 
     speed = ""
-    if path == "dense" and "genrec" in runs:
-        ratios = sorted(g["tokens_per_s"] / d["tokens_per_s"] for g, d in zip(runs["genrec"], rs))
+    if path != "dense" and "dense" in runs:
+        ratios = sorted(g["tokens_per_s"] / d["tokens_per_s"] for g, d in zip(rs, runs["dense"]))
         spread = f" ({ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else ""
         speed = f"{statistics.median(ratios):.1f}x{spread}"
     ev = f"{med('eval_users_per_s'):,.0f} ({med('eval_s'):.1f} s)" if rs[0]["eval_users_per_s"] else ""
@@ -161,7 +166,8 @@ def ensure_ml1m(data_dir: str | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--paths", nargs="+", default=["genrec", "dense"], choices=["genrec", "dense"])
+    ap.add_argument("--paths", nargs="+", default=None, choices=PATHS,
+                    help="default: genrec, genrec-bf16 where this CPU has bf16 units, dense")
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per (model, path)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each path per model (medians reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -182,11 +188,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = ensure_ml1m(args.data)
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    if args.paths is None:  # bf16 only where the hardware runs it faster (emulated, it is far slower)
+        args.paths = [p for p in PATHS if p != "genrec-bf16" or bf16 > fp32]
     lines = [f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
              f"matmul fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s (1024^3, best of 10).",
              f"Data: ML-1M ({data}), B = 128, L <= 200, {args.steps} timed steps per run, {args.repeats} alternating "
              "runs per path (medians; speed-up = median of the ratios of consecutive runs, range in brackets); "
-             + ("both paths on the same random batches" if not args.window else
+             + ("every path on the same random batches" if not args.window else
                 f"genrec on length-sorted batches (train.length_window={args.window}), dense on random batches")
              + "; the dense path pads every batch to 200.", "",
              "| model | path | s/step | real tokens/s | speed-up | useful GFLOP/s | % of fp32 matmul | peak RSS GiB "

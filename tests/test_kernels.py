@@ -521,4 +521,87 @@ def test_hstu_training_equals_the_stock_path(attn_norm, monkeypatch):
     calls = _spy_on_kernel(monkeypatch)
     got = output_and_grads(model, batch)
     assert calls.count("causal_silu_attention") == 2 and calls.count("causal_silu_attention_backward") == 2
+    # the layer's middle from the raw projection: SiLU' over one (N, W) gradient in backward
+    assert calls.count("silu_backward_") == 2
     assert_same_output_and_grads(got, want, batch.padding_mask, every_parameter=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1003])
+def test_silu_backward_in_place_equals_torch_for_float32_and_bfloat16_inputs(n):
+    """silu_backward_(grad, x) writes grad * SiLU'(x) over grad, x float32 or bf16 (read as its float32
+    value): against torch, tails of every length, NaN and extremes; bad inputs are refused."""
+    kernel = _built()
+    torch.manual_seed(n)
+    x = torch.randn(n) * 6
+    x[0] = float("nan") if n > 1 else x[0]
+    x[-1] = -100.0
+    grad = torch.randn(n)
+    for xs in (x, x.bfloat16()):
+        want = torch.ops.aten.silu_backward(grad, xs.float())
+        g = grad.clone()
+        got = kernel.silu_backward_(g, xs)
+        assert got.data_ptr() == g.data_ptr() and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
+    with pytest.raises(RuntimeError, match="contiguous float32 or bfloat16"):
+        kernel.silu_backward_(grad.clone(), x.double())
+    with pytest.raises(RuntimeError, match="shaped as x"):
+        kernel.silu_backward_(torch.zeros(n + 1), x)
+
+
+@needs_compiler
+@pytest.mark.parametrize("covered", [True, False])
+def test_backward_kernel_writes_into_column_slices(covered):
+    """causal_silu_attention_backward(..., into=[dq, dk, dv]) writes the gradients into the given views (column
+    slices of one (N, W) buffer) and they equal the ones it allocates; tokens of no row get zero."""
+    kernel = _built()
+    torch.manual_seed(5)
+    H, d = 2, 5
+    lengths = torch.tensor([6, 3, 9])
+    N = int(lengths.sum()) + (0 if covered else 4)  # not covered: 4 tokens at the end belong to no row
+    starts = torch.tensor([0, 6, 9])
+    q, k, v, grad = (torch.randn(N, H, d) for _ in range(4))
+    bias = torch.randn(1, 9, 9)
+    want = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, starts, grad, True, 0.5)
+    buf = torch.full((N, 4 * H * d), float("nan"))
+    views = [buf[:, i * H * d:(i + 1) * H * d].view(N, H, d) for i in (2, 3, 1)]  # dq, dk, dv where Q, K, V sit
+    got = kernel.causal_silu_attention_backward(q, k, v, bias, lengths, starts, grad, True, 0.5, views)
+    for a, b, view in zip(got[:3], want[:3], views):
+        assert a.data_ptr() == view.data_ptr()
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(got[3], want[3])
+    assert torch.isnan(buf[:, :H * d]).all()  # U's columns untouched
+    with pytest.raises(RuntimeError, match="shaped as q, k, v"):
+        kernel.causal_silu_attention_backward(q, k, v, bias, lengths, starts, grad, True, 1.0, views[:2] + [q.double()])
+
+
+@needs_compiler
+@pytest.mark.parametrize("preset", ["reference", "production"])
+def test_hstu_training_under_bf16_autocast_runs_the_kernels(preset, monkeypatch):
+    """Under CPU bf16 autocast the projections run in bf16 while SiLU, attention and gate stay float32 kernels
+    (the reference layer: the fused middle; the production layer: the projection cast back for the attention
+    kernel), and outputs and gradients stay within bf16 rounding of the float32 model's."""
+    torch.manual_seed(0)
+    base = dict(dim=16, num_blocks=2, num_heads=2, qk_dim=8, v_dim=8, max_len=30, dropout=0.0, linear_dropout=0.0,
+                relative_bias="position")
+    cfg = HSTUConfig(**base) if preset == "reference" else HSTUConfig.production(**base)
+    model = HSTU(cfg, 40).train()
+    lengths = torch.tensor([30, 4, 17, 1])
+    batch = Batch(items=torch.randint(1, 41, (4, 30)) * (torch.arange(30)[None] < lengths[:, None]), lengths=lengths)
+
+    def run():
+        model.zero_grad()
+        out = model(batch)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    calls = _spy_on_kernel(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = run()
+    assert calls.count("causal_silu_attention") == 2 and calls.count("causal_silu_attention_backward") == 2
+    assert (calls.count("silu_backward_") == 2) == (preset == "reference")
+    assert got_grads.keys() == want_grads.keys()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for name, g in want_grads.items():  # relative to each gradient's scale: bf16 keeps 8 bits
+        torch.testing.assert_close(got_grads[name], g, atol=3e-2 * float(g.abs().max()), rtol=5e-2, msg=name)

@@ -275,6 +275,55 @@ class _CompiledSiluAttention(torch.autograd.Function):
         return dq, dk, dv, dbias if dbias.numel() else None, None, None, None, None
 
 
+class _CompiledSiluSplitAttention(torch.autograd.Function):
+    """The training layer's middle from the raw projection, for SiLU on U, V, Q and K: ``(U, O)`` with
+    U, V, Q, K = split(SiLU(raw)) and O = causal_silu_attention(Q, K, V, bias) * scale, packed tokens.
+
+    What it saves over composing SiLU, split and ``_CompiledSiluAttention``: backward writes dU and the
+    attention kernel's dV, dQ, dK straight into the column slices of one (N, W) gradient and applies SiLU'
+    over it in place, instead of a concatenation of four gradients and a separate ``silu_backward``
+    allocating another (N, W). A bf16 projection (bf16 autocast) is made float32 for SiLU and the kernels
+    and gets a bf16 gradient. raw (N, W) contiguous, columns U | V | Q | K, heads adjacent within each;
+    returns U (N, H*dv) (a view of SiLU(raw)) and O (N, H*dv), float32.
+    """
+
+    @staticmethod
+    def forward(ctx, raw, bias, lengths, starts, kernel, H: int, dqk: int, dv: int, scale: float):
+        y = F.silu(raw) if raw.dtype == torch.float32 else F.silu(raw.float(), inplace=True)  # (N, W) float32
+        N = y.shape[0]
+        u, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        args = (q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv),
+                bias.detach().contiguous() if bias is not None else y.new_empty(0))
+        ctx.save_for_backward(raw, y, args[3], lengths, starts)
+        ctx.config = (kernel, H, dqk, dv, scale, bias is not None)
+        return u, kernel.causal_silu_attention(*args, lengths, starts, scale).view(N, H * dv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du, do):
+        raw, y, bias, lengths, starts = ctx.saved_tensors
+        kernel, H, dqk, dv, scale, has_bias = ctx.config
+        N, W = y.shape
+        grad = y.new_empty(N, W)  # (N, W): dU | dV | dQ | dK before SiLU'
+        gu, gv, gq, gk = torch.split(grad, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        if du is None:
+            gu.zero_()
+        else:
+            gu.copy_(du)
+        _, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        want_dbias = has_bias and ctx.needs_input_grad[1]
+        if do is None:
+            grad[:, H * dv:].zero_()
+            dbias = torch.zeros_like(bias) if want_dbias else None
+        else:
+            do = do if do.stride(-1) == 1 else do.contiguous()
+            *_, dbias = kernel.causal_silu_attention_backward(
+                q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias, lengths, starts, do.view(N, H, dv),
+                want_dbias, scale, [gq.view(N, H, dqk), gk.view(N, H, dqk), gv.view(N, H, dv)])
+        draw = kernel.silu_backward_(grad, raw).to(raw.dtype)  # SiLU' in place (bf16 raw: then rounded to bf16)
+        return draw, (dbias if want_dbias and dbias.numel() else None), None, None, None, None, None, None, None
+
+
 def compiled_silu_attention(q, k, v, bias, lengths, starts=None, scale: float = 1.0):
     """The compiled kernels' causal SiLU attention, or None when they do not apply (not CPU float32, not
     built, forward-mode AD): (B, L, H, d) inputs, or packed (N, H, d) tokens with ``starts`` (B,), the
@@ -424,6 +473,9 @@ class HSTULayer(nn.Module):
         uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
         if kernel is not None:
             return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, False))) + x
+        if (middle := self._silu_split_attention(uvqk, x, tokens, lengths, buckets)) is not None:
+            return self.output(*middle, x)
+        uvqk = self._kernel_dtype(uvqk, x)
         if cfg.silu == "uvqk":
             uvqk = F.silu(uvqk, inplace=not torch.is_grad_enabled())  # in place when nothing needs it
         # one split for all four: its backward is one concatenation of their gradients (a separate slice
@@ -444,6 +496,37 @@ class HSTULayer(nn.Module):
         o = causal_silu_attention(q, k, v, bias, lengths) / self.normaliser(L, lengths, x.device)  # (B, L, H, dv)
         o = tokens.pack(o.reshape(B, L, H * dv))  # (N, H*dv)
         return self.output(u, o, x)
+
+    def _silu_split_attention(self, uvqk: torch.Tensor, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
+                              buckets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """U and the normalised attention output, (N, H*dv) each, from the raw projection (float32, or bf16 under
+        autocast) through ``_CompiledSiluSplitAttention``; None when it does not apply: SiLU on U only or scaled
+        queries (``_compiled_attention`` then), or the compiled kernels cannot run (not CPU, not built, tracing)."""
+        cfg = self.cfg
+        if (cfg.silu != "uvqk" or cfg.attn_scale or is_static() or not kernels.applies(x) or uvqk.device.type != "cpu"
+                or uvqk.dtype not in (torch.float32, torch.bfloat16) or not uvqk.is_contiguous()):
+            return None
+        if (kernel := kernels.silu_attention()) is None:
+            return None
+        bias = self.rab(tokens.L, buckets) if self.rab is not None else None  # (B or 1, L, L)
+        norm = self.normaliser(tokens.L, lengths, x.device)
+        per_query = isinstance(norm, torch.Tensor) and norm.dim() == 4  # visible: one count per query position
+        scale = 1.0 if per_query else 1.0 / float(norm)  # one number: folded into the kernels' output
+        u, o = _CompiledSiluSplitAttention.apply(uvqk, bias, lengths, tokens.starts(lengths), kernel, cfg.num_heads,
+                                                 cfg.qk_dim, cfg.v_dim, scale)
+        if per_query:
+            o = o / tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1)).view(-1, 1)
+        return u, o
+
+    @staticmethod
+    def _kernel_dtype(uvqk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The projection back in the residual stream's float32 when bf16 autocast made it bf16 and the
+        compiled kernels can run the rest of the layer: the matmuls then run on the bf16 units (3-4x the
+        fp32 rate on such CPUs) while SiLU, attention, norm, gate and dropout stay float32 kernels (under
+        plain autocast they would take the stock bf16 path, several times slower here)."""
+        if uvqk.dtype == x.dtype or not kernels.applies(x) or kernels.silu_attention() is None:
+            return uvqk
+        return uvqk.to(x.dtype)
 
     def _compiled_attention(self, v: torch.Tensor, q: torch.Tensor, k: torch.Tensor, tokens: Tokens,
                             lengths: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:

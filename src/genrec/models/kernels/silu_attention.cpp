@@ -644,19 +644,33 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
 // handed out longest first as threads free up; a bias shared by the batch gets one gradient buffer per
 // worker slot, summed at the end, and then rows go to slots round-robin (a fixed summation order: the
 // same gradient in every run with the same number of threads). ``scale`` as the forward's (grad is
-// multiplied by it as it is read).
+// multiplied by it as it is read). ``into``: empty, or three float32 tensors shaped as q, k, v (views with a
+// contiguous last dimension, e.g. column slices of one (N, W) gradient) that receive dq, dk, dv instead of
+// new tensors (then returned).
 std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                           torch::Tensor bias, torch::Tensor lengths,
                                                           torch::Tensor starts, torch::Tensor grad,
-                                                          bool bias_grad, double scale) {
+                                                          bool bias_grad, double scale,
+                                                          std::vector<torch::Tensor> into) {
   const Rows rows = rows_of(q, k, v, &grad, lengths, starts);
   check_cpu({&bias});
   const bool has_bias = bias.numel() > 0;
   if (has_bias) check_bias(bias, rows.B, rows.L);
   const int64_t B = rows.B, H = rows.H, Lb = has_bias ? bias.size(1) : 0;
-  auto dq = rows.zeros_or_empty(rows.dqk, q, true);
-  auto dk = rows.zeros_or_empty(rows.dqk, q, true);
-  auto dv = rows.zeros_or_empty(rows.dv, q, true);
+  TORCH_CHECK(into.empty() || into.size() == 3, "into: no tensors or three (dq, dk, dv)");
+  if (!into.empty()) {
+    const torch::Tensor* like[3] = {&q, &k, &v};
+    for (int i = 0; i < 3; ++i) {
+      const auto& t = into[i];
+      TORCH_CHECK(t.sizes() == like[i]->sizes() && t.scalar_type() == torch::kFloat32 && t.device().is_cpu() &&
+                  t.stride(-1) == 1 && t.stride(-2) == t.size(-1), "into: float32 CPU tensors shaped as q, k, v "
+                  "with each head's values contiguous");
+      if (!(rows.packed && rows.covered)) into[i].zero_();  // positions of no row get zero, as allocated ones
+    }
+  }
+  auto dq = into.empty() ? rows.zeros_or_empty(rows.dqk, q, true) : into[0];
+  auto dk = into.empty() ? rows.zeros_or_empty(rows.dqk, q, true) : into[1];
+  auto dv = into.empty() ? rows.zeros_or_empty(rows.dv, q, true) : into[2];
   const bool want_dbias = has_bias && bias_grad;
   const bool shared = want_dbias && bias.size(0) == 1 && B > 1;
   auto dbias = want_dbias ? torch::zeros_like(bias) : torch::empty({0}, q.options());
@@ -1058,6 +1072,54 @@ std::vector<torch::Tensor> sampled_softmax(torch::Tensor q, torch::Tensor items,
   });
 }
 
+namespace {
+
+// a bfloat16 is the upper half of a float32: 8 of them widened into a vector
+typedef unsigned short v8h __attribute__((vector_size(16)));
+inline v8 bf16_load(const uint16_t* p) {
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  return (v8)(__builtin_convertvector(h, v8u) << 16);
+}
+
+}  // namespace
+
+// grad * SiLU'(x), SiLU'(x) = sig(x) (1 + x (1 - sig(x))), written over grad (float32, contiguous) and
+// returned; x float32 or bfloat16 (a bf16 projection's pre-activation), contiguous, shaped as grad.
+torch::Tensor silu_backward_(torch::Tensor grad, torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be a contiguous float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() &&
+              grad.sizes() == x.sizes(), "grad must be a contiguous float32 CPU tensor shaped as x");
+  float* gp = grad.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const auto* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  const int64_t count = x.numel();
+  at::parallel_for(0, (count + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i = blk * 8, n = std::min<int64_t>(8, count - i);
+      v8 xv;
+      if (bf16 && n == 8) {
+        xv = bf16_load(xh + i);
+      } else if (bf16) {
+        uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(t, xh + i, n * sizeof(uint16_t));
+        xv = bf16_load(t);
+      } else {
+        xv = n == 8 ? load(xf + i) : load_first(xf + i, n);
+      }
+      const v8 sig = splat(1.0f) / (splat(1.0f) + exp8(vmin(vmax(-xv, splat(-87.0f)), splat(88.0f))));
+      const v8 g = n == 8 ? load(gp + i) : load_first(gp + i, n);
+      const v8 d = g * sig * (splat(1.0f) + xv * (splat(1.0f) - sig));
+      if (n == 8) store(gp + i, d);
+      else store_first(gp + i, n, d);
+    }
+  });
+  return grad;
+}
+
 bool built_with_openmp() {
 #ifdef _OPENMP
   return true;
@@ -1074,7 +1136,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_silu_attention_backward", &causal_silu_attention_backward,
         "gradients of the causal SiLU attention (CPU, float32)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("grad"), py::arg("bias_grad"),
-        py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
+        py::arg("scale") = 1.0, py::arg("into") = std::vector<torch::Tensor>{},
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_backward_", &silu_backward_,
+        "grad * SiLU'(x) written over grad (float32; x float32 or bfloat16)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("hstu_attention_gate", &hstu_attention_gate,
         "SiLU(U) * LayerNorm(attention(SiLU(Q, K, V)) * inv_norm) from an HSTU layer's raw projection",
         py::call_guard<py::gil_scoped_release>());
