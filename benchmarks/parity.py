@@ -137,7 +137,11 @@ def main() -> None:
     if args.write:
         from results_file import write_section
 
-        write_section("parity", "Quality parity of the fast path (`python benchmarks/parity.py --write`)", table)
+        if args.precision == "fp32":
+            write_section("parity", "Quality parity of the fast path (`python benchmarks/parity.py --write`)", table)
+        else:
+            write_section(f"parity-{args.precision}", f"Quality parity of the fast path in {args.precision} "
+                          f"(`python benchmarks/parity.py --precision {args.precision} --write`)", table)
 
 
 def minutes(result: dict) -> str:
