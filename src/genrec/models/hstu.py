@@ -509,14 +509,19 @@ class HSTULayer(nn.Module):
         if (kernel := kernels.silu_attention()) is None:
             return None
         bias = self.rab(tokens.L, buckets) if self.rab is not None else None  # (B or 1, L, L)
-        norm = self.normaliser(tokens.L, lengths, x.device)
-        per_query = isinstance(norm, torch.Tensor) and norm.dim() == 4  # visible: one count per query position
-        scale = 1.0 if per_query else 1.0 / float(norm)  # one number: folded into the kernels' output
+        scale, per_token = self._kernel_normaliser(tokens, lengths, x.device)
         u, o = _CompiledSiluSplitAttention.apply(uvqk, bias, lengths, tokens.starts(lengths), kernel, cfg.num_heads,
                                                  cfg.qk_dim, cfg.v_dim, scale)
-        if per_query:
-            o = o / tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1)).view(-1, 1)
-        return u, o
+        return u, (o if per_token is None else o / per_token)
+
+    def _kernel_normaliser(self, tokens: Tokens, lengths: torch.Tensor,
+                           device: torch.device) -> tuple[float, torch.Tensor | None]:
+        """The attention normaliser as the compiled kernels take it: (1 / n, None) when it is one number (folded
+        into their output and gradient scale), else (1.0, (N, 1) count per token) to divide their output by."""
+        norm = self.normaliser(tokens.L, lengths, device)
+        if isinstance(norm, torch.Tensor) and norm.dim() == 4:  # visible: one count per query position
+            return 1.0, tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1)).view(-1, 1)
+        return 1.0 / float(norm), None
 
     @staticmethod
     def _kernel_dtype(uvqk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -540,16 +545,13 @@ class HSTULayer(nn.Module):
         if cfg.attn_scale:
             q = q * (1.0 / math.sqrt(dqk))
         N = v.shape[0]
-        norm = self.normaliser(tokens.L, lengths, v.device)
-        per_query = isinstance(norm, torch.Tensor) and norm.dim() == 4  # visible: one count per query position
-        scale = 1.0 if per_query else 1.0 / float(norm)  # one number: folded into the kernels' output
+        scale, per_token = self._kernel_normaliser(tokens, lengths, v.device)
         o = compiled_silu_attention(q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias, lengths,
                                     tokens.starts(lengths), scale)  # (N, H, dv)
         if o is None:
             return None
-        if per_query:
-            o = o / tokens.pack(norm.expand(tokens.B, tokens.L, 1, 1))
-        return o.view(N, H * dv)
+        o = o.view(N, H * dv)
+        return o if per_token is None else o / per_token
 
     def _fused_kernel(self, x: torch.Tensor):
         """The compiled extension when it can run this layer's input norm (``layer_norm``) and middle

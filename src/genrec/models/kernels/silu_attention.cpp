@@ -84,6 +84,9 @@ inline v8 silu8(v8 x) {
   return vmax(splat(-88.0f), x) / (splat(1.0f) + e);
 }
 
+// sigmoid(x) = 1 / (1 + exp(-x)), exp's argument clamped as in silu8 (SiLU' in the backward passes)
+inline v8 sigmoid8(v8 x) { return splat(1.0f) / (splat(1.0f) + exp8(vmin(vmax(-x, splat(-87.0f)), splat(88.0f)))); }
+
 // acc (QB rows, stride dvp) += w (QB, KB)[:, :jn] @ vrows (jn rows, stride vstride), NV vectors of columns:
 // three rows at a time, so 3 x NV accumulators and the NV value vectors of one key stay in registers.
 template <int NV>
@@ -369,7 +372,7 @@ void attention_backward_task(const float* q, const float* k, const float* v, con
         const v8 last = splat(static_cast<float>(i0 + r - j0));
         for (int half = 0; half < 2; ++half) {
           const v8 x = s[r][half];
-          const v8 sig = splat(1.0f) / (splat(1.0f) + exp8(vmin(vmax(-x, splat(-87.0f)), splat(88.0f))));
+          const v8 sig = sigmoid8(x);
           v8 w = vmax(splat(-88.0f), x) * sig;
           v8 ds = load(dwb + r * KB + 8 * half) * (sig + w * (splat(1.0f) - sig));
           if (masked) {
@@ -1110,7 +1113,7 @@ torch::Tensor silu_backward_(torch::Tensor grad, torch::Tensor x) {
       } else {
         xv = n == 8 ? load(xf + i) : load_first(xf + i, n);
       }
-      const v8 sig = splat(1.0f) / (splat(1.0f) + exp8(vmin(vmax(-xv, splat(-87.0f)), splat(88.0f))));
+      const v8 sig = sigmoid8(xv);
       const v8 g = n == 8 ? load(gp + i) : load_first(gp + i, n);
       const v8 d = g * sig * (splat(1.0f) + xv * (splat(1.0f) - sig));
       if (n == 8) store(gp + i, d);
