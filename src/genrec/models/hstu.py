@@ -289,13 +289,17 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, raw, bias, lengths, starts, kernel, H: int, dqk: int, dv: int, scale: float):
+        ctx.config = (kernel, H, dqk, dv, scale, bias is not None)
+        bias_arg = bias.detach().contiguous() if bias is not None else raw.new_empty(0, dtype=torch.float32)
+        if raw.dtype == torch.bfloat16 and kernel.has_bf16_attention():  # bf16 dot products, SiLU inside
+            ctx.save_for_backward(raw, None, bias_arg, lengths, starts)
+            o = kernel.silu_attention_bf16(raw, bias_arg, lengths, starts, H, dqk, dv, scale)
+            return F.silu(raw[:, :H * dv].float()), o
         y = F.silu(raw) if raw.dtype == torch.float32 else F.silu(raw.float(), inplace=True)  # (N, W) float32
         N = y.shape[0]
         u, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        args = (q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv),
-                bias.detach().contiguous() if bias is not None else y.new_empty(0))
-        ctx.save_for_backward(raw, y, args[3], lengths, starts)
-        ctx.config = (kernel, H, dqk, dv, scale, bias is not None)
+        args = (q.view(N, H, dqk), k.view(N, H, dqk), v.view(N, H, dv), bias_arg)
+        ctx.save_for_backward(raw, y, bias_arg, lengths, starts)
         return u, kernel.causal_silu_attention(*args, lengths, starts, scale).view(N, H * dv)
 
     @staticmethod
@@ -303,6 +307,9 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
     def backward(ctx, du, do):
         raw, y, bias, lengths, starts = ctx.saved_tensors
         kernel, H, dqk, dv, scale, has_bias = ctx.config
+        want_dbias = has_bias and ctx.needs_input_grad[1]
+        if y is None:
+            return _bf16_split_attention_backward(ctx, raw, bias, lengths, starts, du, do, want_dbias)
         N, W = y.shape
         grad = y.new_empty(N, W)  # (N, W): dU | dV | dQ | dK before SiLU'
         gu, gv, gq, gk = torch.split(grad, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
@@ -311,7 +318,6 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
         else:
             gu.copy_(du)
         _, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        want_dbias = has_bias and ctx.needs_input_grad[1]
         if do is None:
             grad[:, H * dv:].zero_()
             dbias = torch.zeros_like(bias) if want_dbias else None
@@ -322,6 +328,24 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
                 want_dbias, scale, [gq.view(N, H, dqk), gk.view(N, H, dqk), gv.view(N, H, dv)])
         draw = kernel.silu_backward_(grad, raw).to(raw.dtype)  # SiLU' in place (bf16 raw: then rounded to bf16)
         return draw, (dbias if want_dbias and dbias.numel() else None), None, None, None, None, None, None, None
+
+
+def _bf16_split_attention_backward(ctx, raw, bias, lengths, starts, du, do, want_dbias):
+    """``_CompiledSiluSplitAttention``'s backward on the bf16 dot-product kernels: the attention kernel writes
+    dV, dQ, dK times SiLU' as bf16 into the projection's gradient, and dU times SiLU' goes into its U columns."""
+    kernel, H, dqk, dv, scale, _ = ctx.config
+    draw = torch.empty_like(raw)  # (N, W) bf16
+    if do is None:
+        draw[:, H * dv:].zero_()
+        dbias = torch.zeros_like(bias) if want_dbias else None
+    else:
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dbias = kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, do, want_dbias, scale, draw, H, dqk, dv)
+    if du is None:
+        draw[:, :H * dv].zero_()
+    else:
+        draw[:, :H * dv].copy_(torch.ops.aten.silu_backward(du, raw[:, :H * dv].float()))
+    return draw, (dbias if want_dbias and dbias.numel() else None), None, None, None, None, None, None, None
 
 
 def compiled_silu_attention(q, k, v, bias, lengths, starts=None, scale: float = 1.0):

@@ -53,7 +53,8 @@ def can_build() -> bool:
 
 
 def _cpu_fingerprint() -> str:
-    """The CPU's feature flags (what -march=native compiles for), hashed with the source and torch version."""
+    """The CPU's feature flags (what -march=native compiles for), hashed with the sources (the .cpp and the
+    headers it includes) and torch version."""
     flags = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,7 +63,8 @@ def _cpu_fingerprint() -> str:
                 break
     except OSError:
         flags += platform.processor()
-    digest = hashlib.sha1((flags + torch.__version__ + _SOURCE.read_text()).encode()).hexdigest()
+    sources = "".join(p.read_text() for p in sorted(_SOURCE.parent.glob("*.[ch]*")) if p.suffix in (".cpp", ".h"))
+    digest = hashlib.sha1((flags + torch.__version__ + sources).encode()).hexdigest()
     return digest[:12]
 
 

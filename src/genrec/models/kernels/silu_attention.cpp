@@ -557,7 +557,8 @@ struct Rows {
 };
 
 Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor* grad,
-             const torch::Tensor& lengths, const torch::Tensor& starts) {
+             const torch::Tensor& lengths, const torch::Tensor& starts,
+             torch::ScalarType qkv_type = torch::kFloat32) {
   Rows r;
   r.packed = q.dim() == 3;
   const int64_t dims = r.packed ? 3 : 4;
@@ -565,7 +566,8 @@ Rows rows_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
   for (const auto* t : {&q, &k, &v, grad}) {
     if (!t) continue;
     TORCH_CHECK(t->dim() == dims, "q, k, v", grad ? ", grad" : "", " must be ", shape);
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32, "the CPU kernel takes float32");
+    TORCH_CHECK(t->scalar_type() == (t == grad ? torch::kFloat32 : qkv_type), "the CPU kernel takes ",
+                t == grad || qkv_type == torch::kFloat32 ? "float32" : "bfloat16 q, k, v");
     TORCH_CHECK(t->device().is_cpu(), "the CPU kernel takes CPU tensors");
     TORCH_CHECK(t->numel() == 0 || t->size(dims - 1) <= 1 || t->stride(dims - 1) == 1, "the last dimension of q, k, v",
                 grad ? ", grad" : "", " must be contiguous");
@@ -615,6 +617,48 @@ const float* bias_of(const torch::Tensor& bias, int64_t b) {
   return bias.data_ptr<float>() + (bias.size(0) > 1 ? b : 0) * Lb * Lb;
 }
 
+// Runs task(b, dbias_b, buffer) for every batch row b (the backward of its heads), longest rows first as
+// threads free up, and returns the bias gradient (shaped as the bias; empty without want_dbias). dbias_b is
+// where row b's gradient goes (null without want_dbias): its own slice of a per-row bias, so one writer; a
+// bias shared by the batch gets one gradient buffer per worker slot, summed at the end, and then rows go to
+// slots round-robin (a fixed summation order: the same gradient in every run with the same thread count).
+template <typename Task>
+torch::Tensor backward_rows(const Rows& rows, const torch::Tensor& bias, bool want_dbias, Task&& task) {
+  const int64_t B = rows.B, Lb = bias.numel() > 0 ? bias.size(1) : 0;
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  const bool shared = want_dbias && bias.size(0) == 1 && B > 1;
+  auto dbias = want_dbias ? torch::zeros_like(bias) : torch::empty({0}, options);
+  std::vector<int64_t> order(B);
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return rows.n[x] > rows.n[y]; });
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  // a shared bias: one Lb x Lb gradient per worker slot (slot 0 is dbias itself)
+  std::vector<torch::Tensor> partial;
+  for (int64_t w = 1; shared && w < workers; ++w) partial.push_back(torch::zeros({Lb, Lb}, options));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t slot, int64_t slot_end) {
+    std::vector<float> buf;
+    float* db_shared = shared ? (slot == 0 ? dbias.data_ptr<float>() : partial[slot - 1].data_ptr<float>()) : nullptr;
+    // shared: slots [slot, slot_end) of this thread (all of them when parallel_for runs inline) in turn
+    auto first = [&]() { return shared ? slot : next++; };
+    auto after = [&](int64_t t) {
+      if (!shared) return next++;
+      if (t + workers < B) return t + workers;
+      if (++slot >= slot_end) return B;
+      db_shared = partial[slot - 1].data_ptr<float>();
+      return slot;
+    };
+    for (int64_t t = first(); t < B; t = after(t)) {
+      const int64_t b = order[t];
+      task(b, !want_dbias ? nullptr : shared ? db_shared : const_cast<float*>(bias_of(dbias, b)), buf);
+    }
+  });
+  for (auto& p : partial) dbias[0].add_(p);
+  return dbias;
+}
+
+#include "attention_bf16.h"
+
 }  // namespace
 
 // q, k: (B, L, H, dqk), v: (B, L, H, dv), float32, last dimension contiguous (views of one projection are
@@ -659,7 +703,7 @@ std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch
   check_cpu({&bias});
   const bool has_bias = bias.numel() > 0;
   if (has_bias) check_bias(bias, rows.B, rows.L);
-  const int64_t B = rows.B, H = rows.H, Lb = has_bias ? bias.size(1) : 0;
+  const int64_t H = rows.H, Lb = has_bias ? bias.size(1) : 0;
   TORCH_CHECK(into.empty() || into.size() == 3, "into: no tensors or three (dq, dk, dv)");
   if (!into.empty()) {
     const torch::Tensor* like[3] = {&q, &k, &v};
@@ -674,44 +718,118 @@ std::vector<torch::Tensor> causal_silu_attention_backward(torch::Tensor q, torch
   auto dq = into.empty() ? rows.zeros_or_empty(rows.dqk, q, true) : into[0];
   auto dk = into.empty() ? rows.zeros_or_empty(rows.dqk, q, true) : into[1];
   auto dv = into.empty() ? rows.zeros_or_empty(rows.dv, q, true) : into[2];
-  const bool want_dbias = has_bias && bias_grad;
-  const bool shared = want_dbias && bias.size(0) == 1 && B > 1;
-  auto dbias = want_dbias ? torch::zeros_like(bias) : torch::empty({0}, q.options());
-  std::vector<int64_t> order(B);
-  for (int64_t b = 0; b < B; ++b) order[b] = b;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return rows.n[x] > rows.n[y]; });
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-  // a shared bias: one Lb x Lb gradient per worker slot (slot 0 is dbias itself)
-  std::vector<torch::Tensor> partial;
-  for (int64_t w = 1; shared && w < workers; ++w) partial.push_back(torch::zeros({Lb, Lb}, q.options()));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t slot, int64_t slot_end) {
-    std::vector<float> buf;
-    float* db_shared = shared ? (slot == 0 ? dbias.data_ptr<float>() : partial[slot - 1].data_ptr<float>()) : nullptr;
-    // shared: slots [slot, slot_end) of this thread (all of them when parallel_for runs inline) in turn
-    auto first = [&]() { return shared ? slot : next++; };
-    auto after = [&](int64_t t) {
-      if (!shared) return next++;
-      if (t + workers < B) return t + workers;
-      if (++slot >= slot_end) return B;
-      db_shared = partial[slot - 1].data_ptr<float>();
-      return slot;
-    };
-    for (int64_t t = first(); t < B; t = after(t)) {
-      const int64_t b = order[t];
-      float* db = !want_dbias ? nullptr : shared ? db_shared : const_cast<float*>(bias_of(dbias, b));
-      for (int64_t h = 0; h < H; ++h)
-        attention_backward_task(q.data_ptr<float>() + rows.base(q, b, h), k.data_ptr<float>() + rows.base(k, b, h),
-                                v.data_ptr<float>() + rows.base(v, b, h), grad.data_ptr<float>() + rows.base(grad, b, h),
-                                bias_of(bias, b), dq.data_ptr<float>() + rows.base(dq, b, h),
-                                dk.data_ptr<float>() + rows.base(dk, b, h), dv.data_ptr<float>() + rows.base(dv, b, h),
-                                db, rows.n[b], Lb, rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v),
-                                rows.step(grad), Lb, rows.step(dq), rows.step(dk), rows.step(dv),
-                                static_cast<float>(scale), buf);
+  auto dbias = backward_rows(rows, bias, has_bias && bias_grad, [&](int64_t b, float* db, std::vector<float>& buf) {
+    for (int64_t h = 0; h < H; ++h)
+      attention_backward_task(q.data_ptr<float>() + rows.base(q, b, h), k.data_ptr<float>() + rows.base(k, b, h),
+                              v.data_ptr<float>() + rows.base(v, b, h), grad.data_ptr<float>() + rows.base(grad, b, h),
+                              bias_of(bias, b), dq.data_ptr<float>() + rows.base(dq, b, h),
+                              dk.data_ptr<float>() + rows.base(dk, b, h), dv.data_ptr<float>() + rows.base(dv, b, h),
+                              db, rows.n[b], Lb, rows.dqk, rows.dv, rows.step(q), rows.step(k), rows.step(v),
+                              rows.step(grad), Lb, rows.step(dq), rows.step(dk), rows.step(dv),
+                              static_cast<float>(scale), buf);
+  });
+  return {dq, dk, dv, dbias};
+}
+
+namespace {
+
+// The V, Q, K column views (N, H, d) of a raw (N, W) projection, columns U | V | Q | K, and their rows.
+struct Projection {
+  torch::Tensor v, q, k;
+  Rows rows;
+  Projection(const torch::Tensor& raw, const torch::Tensor& lengths, const torch::Tensor& starts,
+             const torch::Tensor* grad, int64_t H, int64_t dqk, int64_t dv) {
+    TORCH_CHECK(raw.dim() == 2 && raw.is_contiguous() && raw.scalar_type() == torch::kBFloat16 && raw.device().is_cpu(),
+                "raw must be a contiguous bfloat16 (N, W) CPU tensor");
+    TORCH_CHECK(H > 0 && dqk > 0 && dv > 0 && raw.size(1) == 2 * H * dv + 2 * H * dqk, "raw has ", raw.size(1),
+                " columns; expected 2 H dv + 2 H dqk");
+    const int64_t N = raw.size(0);
+    v = raw.narrow(1, H * dv, H * dv).view({N, H, dv});
+    q = raw.narrow(1, 2 * H * dv, H * dqk).view({N, H, dqk});
+    k = raw.narrow(1, 2 * H * dv + H * dqk, H * dqk).view({N, H, dqk});
+    TORCH_CHECK(starts.numel() == lengths.numel(), "starts and lengths must have one entry per batch row");
+    rows = rows_of(q, k, v, grad, lengths, starts, torch::kBFloat16);
+  }
+};
+
+inline const uint16_t* bf16_ptr(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+bool has_bf16_attention() {
+#ifdef GENREC_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The training middle of an HSTU layer (SiLU on U, V, Q, K; no query scale) under bf16 autocast, on bf16 dot
+// products: raw (N, W) contiguous bfloat16, the layer's projection before SiLU, columns U | V | Q | K (heads
+// adjacent within each), packed tokens (row b: tokens starts[b] .. starts[b] + lengths[b] - 1); returns
+// causal_silu_attention(SiLU(Q), SiLU(K), SiLU(V), bias) * scale, (N, H * dv) float32, zero at tokens of no
+// row. bias as causal_silu_attention's. Only where has_bf16_attention() (AVX512-BF16).
+torch::Tensor silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths, torch::Tensor starts,
+                                  int64_t H, int64_t dqk, int64_t dv, double scale) {
+#ifdef GENREC_BF16_DOT
+  const Projection p(raw, lengths, starts, nullptr, H, dqk, dv);
+  const Rows& rows = p.rows;
+  check_cpu({&bias});
+  if (bias.numel() > 0) check_bias(bias, rows.B, rows.L);
+  const int64_t Lb = bias.numel() > 0 ? bias.size(1) : 0, N = raw.size(0);
+  auto out = rows.covered ? torch::empty({N, H * dv}, raw.options().dtype(torch::kFloat32))
+                          : torch::zeros({N, H * dv}, raw.options().dtype(torch::kFloat32));
+  for_each_row_head(rows.n.data(), rows.B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
+    if (rows.n[b] == 0) return;
+    attention_task_bf16(bf16_ptr(p.q) + rows.base(p.q, b, h), bf16_ptr(p.k) + rows.base(p.k, b, h),
+                        bf16_ptr(p.v) + rows.base(p.v, b, h), bias_of(bias, b),
+                        out.data_ptr<float>() + rows.start[b] * H * dv + h * dv, rows.n[b], dqk, dv, raw.size(1),
+                        Lb, H * dv, static_cast<float>(scale), buf);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "silu_attention_bf16 needs a CPU with AVX512-BF16 (has_bf16_attention() is false)");
+#endif
+}
+
+// Its backward: grad = dL/d output, (N, H * dv) float32 with a contiguous last dimension; draw, the raw
+// projection's gradient ((N, W) contiguous bfloat16), receives dV, dQ and dK times SiLU'(raw) in its V, Q, K
+// columns (zero at tokens of no row; its U columns are left to the caller). Returns the bias gradient when
+// bias_grad and a bias is given, else an empty tensor. ``scale`` as the forward's.
+torch::Tensor silu_attention_bf16_backward(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths,
+                                           torch::Tensor starts, torch::Tensor grad, bool bias_grad, double scale,
+                                           torch::Tensor draw, int64_t H, int64_t dqk, int64_t dv) {
+#ifdef GENREC_BF16_DOT
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == raw.size(0) && grad.size(1) == H * dv &&
+              grad.scalar_type() == torch::kFloat32 && grad.stride(1) == 1 && grad.device().is_cpu(),
+              "grad must be a float32 (N, H * dv) CPU tensor with a contiguous last dimension");
+  TORCH_CHECK(draw.sizes() == raw.sizes() && draw.is_contiguous() && draw.scalar_type() == torch::kBFloat16 &&
+              draw.device().is_cpu(), "draw must be a contiguous bfloat16 CPU tensor shaped as raw");
+  const int64_t N = raw.size(0);
+  const auto g3 = grad.view({N, H, dv});
+  const Projection p(raw, lengths, starts, &g3, H, dqk, dv);
+  const Rows& rows = p.rows;
+  check_cpu({&bias});
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) check_bias(bias, rows.B, rows.L);
+  const int64_t Lb = has_bias ? bias.size(1) : 0, W = raw.size(1);
+  if (!rows.covered) draw.narrow(1, H * dv, W - H * dv).zero_();
+  auto* out = reinterpret_cast<uint16_t*>(draw.data_ptr<at::BFloat16>());
+  return backward_rows(rows, bias, has_bias && bias_grad, [&](int64_t b, float* db, std::vector<float>& buf) {
+    const int64_t t0 = rows.start[b] * W;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t v0 = H * dv + h * dv, q0 = 2 * H * dv + h * dqk, k0 = 2 * H * dv + H * dqk + h * dqk;
+      const uint16_t* x = bf16_ptr(raw) + t0;
+      attention_backward_task_bf16(x + q0, x + k0, x + v0, grad.data_ptr<float>() + rows.start[b] * grad.stride(0) + h * dv,
+                                   bias_of(bias, b), out + t0 + q0, out + t0 + k0, out + t0 + v0, db, rows.n[b], Lb,
+                                   dqk, dv, W, grad.stride(0), static_cast<float>(scale), buf);
     }
   });
-  for (auto& p : partial) dbias[0].add_(p);
-  return {dq, dk, dv, dbias};
+#else
+  TORCH_CHECK(false, "silu_attention_bf16_backward needs a CPU with AVX512-BF16 (has_bf16_attention() is false)");
+#endif
 }
 
 // The middle of an HSTU layer at inference, from the raw projection to the gated, normalised attention:
@@ -1140,6 +1258,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradients of the causal SiLU attention (CPU, float32)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("grad"), py::arg("bias_grad"),
         py::arg("scale") = 1.0, py::arg("into") = std::vector<torch::Tensor>{},
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_bf16_attention", &has_bf16_attention, "whether silu_attention_bf16 runs here (AVX512-BF16)");
+  m.def("silu_attention_bf16", &silu_attention_bf16,
+        "an HSTU layer's causal SiLU attention from its raw bf16 projection, on bf16 dot products (training)",
+        py::arg("raw"), py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("H"), py::arg("dqk"),
+        py::arg("dv"), py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
+  m.def("silu_attention_bf16_backward", &silu_attention_bf16_backward,
+        "the gradients of silu_attention_bf16, written into the raw projection's bf16 gradient", py::arg("raw"),
+        py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("grad"), py::arg("bias_grad"),
+        py::arg("scale"), py::arg("draw"), py::arg("H"), py::arg("dqk"), py::arg("dv"),
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_backward_", &silu_backward_,
         "grad * SiLU'(x) written over grad (float32; x float32 or bfloat16)",
