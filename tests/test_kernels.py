@@ -619,10 +619,10 @@ def test_hstu_training_under_bf16_autocast_runs_the_kernels(preset, bf16_dots, m
 
 
 def _split_attention_reference(raw, bias, lengths, starts, H, dqk, dv, scale):
-    """U, V, Q, K = split(SiLU(raw)) and the causal SiLU attention of each row's tokens times scale, float64,
+    """(U, O): U, V, Q, K = split(SiLU(raw)) and O the causal SiLU attention of each row's tokens times scale,
     row by row over full masked scores; differentiable in raw and bias."""
     y = F.silu(raw)
-    _, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+    u, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
     rows = []
     out = torch.zeros(raw.shape[0], H * dv, dtype=raw.dtype)
     for b, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
@@ -634,17 +634,18 @@ def _split_attention_reference(raw, bias, lengths, starts, H, dqk, dv, scale):
         rows.append((s, n, o.transpose(0, 1).reshape(n, H * dv) * scale))
     for s, n, o in rows:
         out = out.index_put((torch.arange(s, s + n),), o)
-    return out
+    return u, out
 
 
 @pytest.mark.parametrize("H,dqk,dv,per_row,gap", [(2, 25, 25, False, 0), (1, 16, 8, True, 0), (2, 7, 9, False, 2),
                                                   (3, 33, 17, True, 1)])
 def test_bf16_attention_kernels_match_float64_within_bf16_rounding(H, dqk, dv, per_row, gap):
-    """silu_attention_bf16 and its backward (SiLU inside, bf16 dot products, bf16 gradient written into the
-    projection's V, Q, K columns) against the float64 computation on the same bf16 projection: output, the
-    raw projection's gradient and the bias gradient within bf16 rounding (relative Frobenius error < 1e-2,
-    observed ~3e-3); U columns of the gradient untouched; tokens of no row get zero. Odd lengths, a row of
-    one token, head widths that are not multiples of 8 or 16, and gaps between rows."""
+    """silu_attention_bf16 and its backward (SiLU inside, bf16 dot products, the bf16 gradient of the raw
+    projection written by the kernel) against the float64 computation on the same bf16 projection: SiLU(U)
+    to float32 precision, the attention output, the projection's gradient and the bias gradient within bf16
+    rounding (relative Frobenius error < 1e-2, observed ~3e-3); no dU gives zero in U's columns; tokens of
+    no row get zero attention and gradient. Odd lengths, a row of one token, head widths that are not
+    multiples of 8 or 16, and gaps between rows."""
     kernel = _built()
     if not kernel.has_bf16_attention():
         pytest.skip("this CPU has no AVX512-BF16: the bf16 dot-product kernels are not built")
@@ -655,22 +656,27 @@ def test_bf16_attention_kernels_match_float64_within_bf16_rounding(H, dqk, dv, p
     raw = (torch.randn(N, W) * 1.5).bfloat16()
     bias = torch.randn(6 if per_row else 1, 70, 70) * 0.3
     grad = torch.randn(N, H * dv)
-    out = kernel.silu_attention_bf16(raw, bias, lengths, starts, H, dqk, dv, 0.7)
+    du = torch.randn(N, H * dv)
+    u, out = kernel.silu_attention_bf16(raw, bias, lengths, starts, H, dqk, dv, 0.7)
     draw = torch.full_like(raw, 7.0)
-    dbias = kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, grad, True, 0.7, draw, H, dqk, dv)
+    dbias = kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, du, grad, True, 0.7, draw, H, dqk, dv)
+    draw_no_du = torch.full_like(raw, 7.0)
+    kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, torch.empty(0), grad, False, 0.7, draw_no_du, H,
+                                        dqk, dv)
 
     x = raw.double().requires_grad_()
     b = bias.double().requires_grad_()
-    want = _split_attention_reference(x, b, lengths, starts, H, dqk, dv, 0.7)
-    (want * grad.double()).sum().backward()
+    want_u, want = _split_attention_reference(x, b, lengths, starts, H, dqk, dv, 0.7)
+    ((want * grad.double()).sum() + (want_u * du.double()).sum()).backward()
 
     def rel(got, ref):
         return float((got.double() - ref).norm() / ref.norm())
 
-    assert out.dtype == torch.float32 and rel(out, want.detach()) < 1e-2
-    assert draw.dtype == torch.bfloat16 and rel(draw[:, H * dv:], x.grad[:, H * dv:]) < 1e-2
+    assert out.dtype == u.dtype == torch.float32 and rel(out, want.detach()) < 1e-2
+    assert rel(u, want_u.detach()) < 1e-4  # SiLU of every token, no bf16 rounding after it
+    assert draw.dtype == torch.bfloat16 and rel(draw, x.grad) < 1e-2
     assert rel(dbias, b.grad) < 1e-2
-    assert bool((draw[:, :H * dv] == 7).all())  # U's columns are the caller's
+    assert bool((draw_no_du[:, :H * dv] == 0).all()) and torch.equal(draw_no_du[:, H * dv:], draw[:, H * dv:])
     if gap:
         free = torch.ones(N, dtype=torch.bool)
         for s, n in zip(starts.tolist(), lengths.tolist()):
@@ -691,5 +697,5 @@ def test_bf16_attention_kernels_check_their_inputs():
     with pytest.raises(RuntimeError, match="runs past"):
         kernel.silu_attention_bf16(raw, torch.empty(0), torch.tensor([4]), starts, 2, 4, 4)
     with pytest.raises(RuntimeError, match="draw"):
-        kernel.silu_attention_bf16_backward(raw, torch.empty(0), lengths, starts, torch.zeros(3, 8), False, 1.0,
-                                            torch.empty(3, 32), 2, 4, 4)
+        kernel.silu_attention_bf16_backward(raw, torch.empty(0), lengths, starts, torch.empty(0), torch.zeros(3, 8),
+                                            False, 1.0, torch.empty(3, 32), 2, 4, 4)

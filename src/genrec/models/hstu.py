@@ -293,8 +293,8 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
         bias_arg = bias.detach().contiguous() if bias is not None else raw.new_empty(0, dtype=torch.float32)
         if raw.dtype == torch.bfloat16 and kernel.has_bf16_attention():  # bf16 dot products, SiLU inside
             ctx.save_for_backward(raw, None, bias_arg, lengths, starts)
-            o = kernel.silu_attention_bf16(raw, bias_arg, lengths, starts, H, dqk, dv, scale)
-            return F.silu(raw[:, :H * dv].float()), o
+            u, o = kernel.silu_attention_bf16(raw, bias_arg, lengths, starts, H, dqk, dv, scale)
+            return u, o
         y = F.silu(raw) if raw.dtype == torch.float32 else F.silu(raw.float(), inplace=True)  # (N, W) float32
         N = y.shape[0]
         u, v, q, k = torch.split(y, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
@@ -331,20 +331,13 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
 
 
 def _bf16_split_attention_backward(ctx, raw, bias, lengths, starts, du, do, want_dbias):
-    """``_CompiledSiluSplitAttention``'s backward on the bf16 dot-product kernels: the attention kernel writes
-    dV, dQ, dK times SiLU' as bf16 into the projection's gradient, and dU times SiLU' goes into its U columns."""
+    """``_CompiledSiluSplitAttention``'s backward on the bf16 dot-product kernels: dU, dV, dQ, dK times SiLU',
+    written as bf16 straight into the projection's gradient."""
     kernel, H, dqk, dv, scale, _ = ctx.config
     draw = torch.empty_like(raw)  # (N, W) bf16
-    if do is None:
-        draw[:, H * dv:].zero_()
-        dbias = torch.zeros_like(bias) if want_dbias else None
-    else:
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dbias = kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, do, want_dbias, scale, draw, H, dqk, dv)
-    if du is None:
-        draw[:, :H * dv].zero_()
-    else:
-        draw[:, :H * dv].copy_(torch.ops.aten.silu_backward(du, raw[:, :H * dv].float()))
+    du = du.contiguous() if du is not None else raw.new_empty(0, dtype=torch.float32)
+    do = do.contiguous() if do is not None else torch.zeros(raw.shape[0], H * dv)
+    dbias = kernel.silu_attention_bf16_backward(raw, bias, lengths, starts, du, do, want_dbias, scale, draw, H, dqk, dv)
     return draw, (dbias if want_dbias and dbias.numel() else None), None, None, None, None, None, None, None
 
 

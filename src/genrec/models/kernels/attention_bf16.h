@@ -86,16 +86,15 @@ inline void pair_rows(const float* a, const float* b, int64_t Cp, int32_t* words
   for (int64_t c = 0; c < Cp; c += 16) store_words(words + c, pair_words(load16(a + c), load16(b + c)));
 }
 
-// dst[0, C) <- bf16(grad[0, C) * SiLU'(raw[0, C))), grad[c] at grad + c * step (step 1: readable to C rounded
-// up to 16; else gathered: a column of a transposed accumulator, read without a copy whose scalar stores
-// would stall the vector loads after them)
+// dst[0, C) <- bf16(grad[0, C) * SiLU'(raw[0, C))), grad[c] at grad + c * step (step 1: a row; else gathered:
+// a column of a transposed accumulator, read without a copy whose scalar stores would stall the loads after)
 inline void store_silu_grad(uint16_t* dst, const float* grad, int64_t step, const uint16_t* raw, int64_t C) {
   const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(static_cast<int>(step)));
   for (int64_t c = 0; c < C; c += 16) {
     const int64_t m = std::min<int64_t>(16, C - c);
     const v16 x = bf16_load_first(raw + c, m), sig = sigmoid16(x);
-    const v16 g = step == 1 ? load16(grad + c)
+    const v16 g = step == 1 ? (v16)_mm512_maskz_loadu_ps(first_lanes(m), grad + c)
                             : (v16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_lanes(m), index, grad + c * step, 4);
     bf16_store_first(dst + c, m, g * sig * (1.0f + x * (1.0f - sig)));
   }
@@ -104,6 +103,30 @@ inline void store_silu_grad(uint16_t* dst, const float* grad, int64_t step, cons
 // 16 bias values of row ``row`` from column j0 (a row Lb long), zero past its end
 inline v16 bias16(const float* row, int64_t j0, int64_t Lb) {
   return j0 + KB <= Lb ? load16(row + j0) : (v16)_mm512_maskz_loadu_ps(first_lanes(Lb - j0), row + j0);
+}
+
+// The U columns of a raw projection (N, W) bf16, the first C of each row, outside attention: u (N, C) float32
+// <- SiLU(raw) in the forward; in the backward draw's U columns <- bf16(du * SiLU'(raw)) (du null: zero).
+void silu_columns(const uint16_t* raw, int64_t N, int64_t W, int64_t C, float* u) {
+  at::parallel_for(0, N, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t c = 0; c < C; c += 16) {
+        const int64_t m = std::min<int64_t>(16, C - c);
+        _mm512_mask_storeu_ps(u + t * C + c, first_lanes(m), (__m512)silu16(bf16_load_first(raw + t * W + c, m)));
+      }
+  });
+}
+
+void silu_grad_columns(const uint16_t* raw, const float* du, int64_t N, int64_t W, int64_t C, uint16_t* draw) {
+  at::parallel_for(0, N, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (du) {
+        store_silu_grad(draw + t * W, du + t * C, 1, raw + t * W, C);
+      } else {
+        std::fill(draw + t * W, draw + t * W + C, uint16_t{0});
+      }
+    }
+  });
 }
 
 // out[r] += rows[r] . colsT over npairs words, for the QH rows of a block (rows row_words apart; colsT: word

@@ -769,9 +769,10 @@ bool has_bf16_attention() {
 // The training middle of an HSTU layer (SiLU on U, V, Q, K; no query scale) under bf16 autocast, on bf16 dot
 // products: raw (N, W) contiguous bfloat16, the layer's projection before SiLU, columns U | V | Q | K (heads
 // adjacent within each), packed tokens (row b: tokens starts[b] .. starts[b] + lengths[b] - 1); returns
-// causal_silu_attention(SiLU(Q), SiLU(K), SiLU(V), bias) * scale, (N, H * dv) float32, zero at tokens of no
-// row. bias as causal_silu_attention's. Only where has_bf16_attention() (AVX512-BF16).
-torch::Tensor silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths, torch::Tensor starts,
+// [SiLU(U), causal_silu_attention(SiLU(Q), SiLU(K), SiLU(V), bias) * scale], both (N, H * dv) float32, the
+// second zero at tokens of no row. bias as causal_silu_attention's. Only where has_bf16_attention()
+// (AVX512-BF16).
+std::vector<torch::Tensor> silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths, torch::Tensor starts,
                                   int64_t H, int64_t dqk, int64_t dv, double scale) {
 #ifdef GENREC_BF16_DOT
   const Projection p(raw, lengths, starts, nullptr, H, dqk, dv);
@@ -781,6 +782,8 @@ torch::Tensor silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::
   const int64_t Lb = bias.numel() > 0 ? bias.size(1) : 0, N = raw.size(0);
   auto out = rows.covered ? torch::empty({N, H * dv}, raw.options().dtype(torch::kFloat32))
                           : torch::zeros({N, H * dv}, raw.options().dtype(torch::kFloat32));
+  auto u = torch::empty({N, H * dv}, out.options());
+  silu_columns(bf16_ptr(raw), N, raw.size(1), H * dv, u.data_ptr<float>());
   for_each_row_head(rows.n.data(), rows.B, H, [&](int64_t b, int64_t h, std::vector<float>& buf) {
     if (rows.n[b] == 0) return;
     attention_task_bf16(bf16_ptr(p.q) + rows.base(p.q, b, h), bf16_ptr(p.k) + rows.base(p.k, b, h),
@@ -788,20 +791,24 @@ torch::Tensor silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::
                         out.data_ptr<float>() + rows.start[b] * H * dv + h * dv, rows.n[b], dqk, dv, raw.size(1),
                         Lb, H * dv, static_cast<float>(scale), buf);
   });
-  return out;
+  return {u, out};
 #else
   TORCH_CHECK(false, "silu_attention_bf16 needs a CPU with AVX512-BF16 (has_bf16_attention() is false)");
+  return {};
 #endif
 }
 
-// Its backward: grad = dL/d output, (N, H * dv) float32 with a contiguous last dimension; draw, the raw
-// projection's gradient ((N, W) contiguous bfloat16), receives dV, dQ and dK times SiLU'(raw) in its V, Q, K
-// columns (zero at tokens of no row; its U columns are left to the caller). Returns the bias gradient when
-// bias_grad and a bias is given, else an empty tensor. ``scale`` as the forward's.
+// Its backward: du, grad = dL/d of the two outputs, (N, H * dv) float32 contiguous (du may be empty: no
+// gradient through U); draw, the raw projection's gradient ((N, W) contiguous bfloat16), receives dU, dV, dQ
+// and dK times SiLU'(raw) (dV, dQ, dK zero at tokens of no row). Returns the bias gradient when bias_grad and
+// a bias is given, else an empty tensor. ``scale`` as the forward's.
 torch::Tensor silu_attention_bf16_backward(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths,
-                                           torch::Tensor starts, torch::Tensor grad, bool bias_grad, double scale,
-                                           torch::Tensor draw, int64_t H, int64_t dqk, int64_t dv) {
+                                           torch::Tensor starts, torch::Tensor du, torch::Tensor grad, bool bias_grad,
+                                           double scale, torch::Tensor draw, int64_t H, int64_t dqk, int64_t dv) {
 #ifdef GENREC_BF16_DOT
+  TORCH_CHECK(du.numel() == 0 || (du.sizes() == grad.sizes() && du.scalar_type() == torch::kFloat32 &&
+              du.is_contiguous() && du.device().is_cpu()), "du must be empty or a contiguous float32 CPU tensor "
+              "shaped as grad");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == raw.size(0) && grad.size(1) == H * dv &&
               grad.scalar_type() == torch::kFloat32 && grad.stride(1) == 1 && grad.device().is_cpu(),
               "grad must be a float32 (N, H * dv) CPU tensor with a contiguous last dimension");
@@ -817,6 +824,7 @@ torch::Tensor silu_attention_bf16_backward(torch::Tensor raw, torch::Tensor bias
   const int64_t Lb = has_bias ? bias.size(1) : 0, W = raw.size(1);
   if (!rows.covered) draw.narrow(1, H * dv, W - H * dv).zero_();
   auto* out = reinterpret_cast<uint16_t*>(draw.data_ptr<at::BFloat16>());
+  silu_grad_columns(bf16_ptr(raw), du.numel() ? du.data_ptr<float>() : nullptr, N, W, H * dv, out);
   return backward_rows(rows, bias, has_bias && bias_grad, [&](int64_t b, float* db, std::vector<float>& buf) {
     const int64_t t0 = rows.start[b] * W;
     for (int64_t h = 0; h < H; ++h) {
@@ -829,6 +837,7 @@ torch::Tensor silu_attention_bf16_backward(torch::Tensor raw, torch::Tensor bias
   });
 #else
   TORCH_CHECK(false, "silu_attention_bf16_backward needs a CPU with AVX512-BF16 (has_bf16_attention() is false)");
+  return {};
 #endif
 }
 
@@ -1261,12 +1270,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("has_bf16_attention", &has_bf16_attention, "whether silu_attention_bf16 runs here (AVX512-BF16)");
   m.def("silu_attention_bf16", &silu_attention_bf16,
-        "an HSTU layer's causal SiLU attention from its raw bf16 projection, on bf16 dot products (training)",
+        "SiLU(U) and the causal SiLU attention of an HSTU layer's raw bf16 projection, on bf16 dot products",
         py::arg("raw"), py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("H"), py::arg("dqk"),
         py::arg("dv"), py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("silu_attention_bf16_backward", &silu_attention_bf16_backward,
         "the gradients of silu_attention_bf16, written into the raw projection's bf16 gradient", py::arg("raw"),
-        py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("grad"), py::arg("bias_grad"),
+        py::arg("bias"), py::arg("lengths"), py::arg("starts"), py::arg("du"), py::arg("grad"), py::arg("bias_grad"),
         py::arg("scale"), py::arg("draw"), py::arg("H"), py::arg("dqk"), py::arg("dv"),
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_backward_", &silu_backward_,
