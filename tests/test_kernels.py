@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from genrec.data.batches import Batch
 from genrec.models import HSTU, kernels
 from genrec.models.hstu import HSTUConfig, causal_silu_attention, compiled_silu_attention
+from genrec.models.layers import layer_norm
 
 needs_compiler = pytest.mark.skipif(
     not kernels.can_build(),
@@ -186,11 +187,16 @@ def test_model_outputs_equal_with_and_without_kernel(variant, lengths, fused, mo
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # every layer of forward; next_item_queries: the whole stack in one call where the fused layer applies
     # and the bias is the position table alone, else layer by layer (the last with one query per row)
-    per_layer = ["layer_norm", "hstu_attention_gate"] if fused else ["causal_silu_attention"]
+    # (not fused: the input norm through layer_norm_train unless it has affine parameters)
+    per_layer = (["layer_norm", "hstu_attention_gate"] if fused else
+                 ["layer_norm_train"] * (not model.cfg.ln_affine) + ["causal_silu_attention"])
     if fused and model.cfg.relative_bias != "position_time":
         assert calls == (per_layer * 3 + ["hstu_next_item_queries"]) * 2
     else:
-        assert calls == (per_layer * 3 + per_layer * 2 + per_layer * fused) * 2
+        # the last layer of next_item_queries: the fused layer, or both of its norms (its one query per row
+        # goes through the stock attention)
+        last = per_layer if fused else ["layer_norm_train"] * 2 * (not model.cfg.ln_affine)
+        assert calls == (per_layer * 3 + per_layer * 2 + last) * 2
 
 
 @needs_compiler
@@ -699,3 +705,39 @@ def test_bf16_attention_kernels_check_their_inputs():
     with pytest.raises(RuntimeError, match="draw"):
         kernel.silu_attention_bf16_backward(raw, torch.empty(0), lengths, starts, torch.empty(0), torch.zeros(3, 8),
                                             False, 1.0, torch.empty(3, 32), 2, 4, 4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("C", [1, 7, 8, 50, 130])
+@pytest.mark.parametrize("gated", [False, True])
+def test_layer_norm_kernel_equals_the_module_with_gradients(C, gated, monkeypatch):
+    """layers.layer_norm (the compiled one-pass norm, optionally gated: u * LN(x)) gives the module's output
+    and the same gradients for x and u; widths below, at and above one vector, with a tail; and the kernel
+    actually ran."""
+    torch.manual_seed(C)
+    norm = torch.nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
+    x = (torch.randn(37, C) * 3 + 1).requires_grad_()
+    u = torch.randn(37, C).requires_grad_() if gated else None
+    grad = torch.randn(37, C)
+    want = norm(x) * (u if gated else 1)
+    want_grads = torch.autograd.grad((want * grad).sum(), [x, u] if gated else [x])
+    calls = _spy_on_kernel(monkeypatch)
+    got = layer_norm(x, norm, u)
+    got_grads = torch.autograd.grad((got * grad).sum(), [x, u] if gated else [x])
+    assert calls.count("layer_norm_train") == 1
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5)
+
+
+def test_layer_norm_takes_the_module_where_the_kernel_does_not_apply(monkeypatch):
+    """Affine parameters, a non-contiguous gate or a bf16 input: the module's path (no kernel call)."""
+    calls = _spy_on_kernel(monkeypatch) if kernels.can_build() else []
+    x = torch.randn(5, 8)
+    affine = torch.nn.LayerNorm(8)
+    torch.testing.assert_close(layer_norm(x, affine), affine(x))
+    plain = torch.nn.LayerNorm(8, elementwise_affine=False)
+    u = torch.randn(8, 5).t()  # a non-contiguous gate
+    torch.testing.assert_close(layer_norm(x, plain, u), u * plain(x))
+    torch.testing.assert_close(layer_norm(x.bfloat16(), plain).float(), plain(x.bfloat16()).float())
+    assert "layer_norm_train" not in calls

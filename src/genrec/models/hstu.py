@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from genrec.data.batches import Batch
 from genrec.models import kernels
-from genrec.models.layers import Dropout, Tokens, check_length, is_static, longest_first, permute_rows
+from genrec.models.layers import Dropout, Tokens, check_length, is_static, layer_norm, longest_first, permute_rows
 
 
 @dataclass
@@ -282,9 +282,12 @@ class _CompiledSiluSplitAttention(torch.autograd.Function):
     What it saves over composing SiLU, split and ``_CompiledSiluAttention``: backward writes dU and the
     attention kernel's dV, dQ, dK straight into the column slices of one (N, W) gradient and applies SiLU'
     over it in place, instead of a concatenation of four gradients and a separate ``silu_backward``
-    allocating another (N, W). A bf16 projection (bf16 autocast) is made float32 for SiLU and the kernels
-    and gets a bf16 gradient. raw (N, W) contiguous, columns U | V | Q | K, heads adjacent within each;
-    returns U (N, H*dv) (a view of SiLU(raw)) and O (N, H*dv), float32.
+    allocating another (N, W). A bf16 projection (bf16 autocast) goes, where the CPU has AVX512-BF16, to the
+    bf16 dot-product kernels (``silu_attention_bf16``: SiLU applied as they read the projection, products
+    on bf16 operands with float32 sums as a bf16 matmul's, the bf16 gradient written by the kernel);
+    elsewhere it is made float32 for SiLU and the float32 kernels and gets a bf16 gradient. raw (N, W)
+    contiguous, columns U | V | Q | K, heads adjacent within each; returns U (N, H*dv) and O (N, H*dv),
+    float32.
     """
 
     @staticmethod
@@ -475,10 +478,10 @@ class HSTULayer(nn.Module):
         """U and the normalised attention output O (N, H*dv) -> the layer's output Linear(U * LN(O)) + x (or the
         ``concat`` variant's Linear([U, O, U * LN(O)]) + x)."""
         if self.cfg.output == "concat":
-            o = torch.cat([u, o, u * self.attn_norm(o)], dim=-1)  # (N, 3*H*dv)
+            o = torch.cat([u, o, layer_norm(o, self.attn_norm, gate=u)], dim=-1)  # (N, 3*H*dv)
         else:
-            o = u * self.attn_norm(o)  # (N, H*dv)
-        return self.out(self.dropout(o)) + residual
+            o = layer_norm(o, self.attn_norm, gate=u)  # (N, H*dv)
+        return residual + self.out(self.dropout(o))
 
     def forward(self, x: torch.Tensor, tokens: Tokens, lengths: torch.Tensor,
                 buckets: torch.Tensor | None) -> torch.Tensor:
@@ -487,7 +490,7 @@ class HSTULayer(nn.Module):
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         kernel = self._fused_kernel(x)  # inference, reference options: compiled norm, then SiLU -> attention -> gate
-        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
+        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else layer_norm(x, self.in_norm)) @ self.uvqk
         if kernel is not None:
             return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, False))) + x
         if (middle := self._silu_split_attention(uvqk, x, tokens, lengths, buckets)) is not None:
@@ -614,7 +617,7 @@ class HSTULayer(nn.Module):
         B, L = tokens.B, tokens.L
         H, dqk, dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         kernel = self._fused_kernel(x)
-        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else self.in_norm(x)) @ self.uvqk  # (N, W)
+        uvqk = (kernel.layer_norm(x, cfg.ln_eps) if kernel is not None else layer_norm(x, self.in_norm)) @ self.uvqk
         last = tokens.last_index(lengths)  # (B,) token index of each row's last event
         if kernel is not None:  # the fused middle with one query per row
             return self.out(self.dropout(self._fused_middle(kernel, uvqk, tokens, lengths, buckets, True))) + x[last]

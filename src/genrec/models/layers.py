@@ -75,6 +75,39 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 
 
+class _CompiledLayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dimension without affine parameters in one pass of the compiled kernel, or
+    the gated u * LayerNorm(x) (HSTU's U * LN(O)); backward through aten's layer-norm backward with the
+    kernel's mean and rstd (the gate's share: du = grad * xhat, the norm's input gradient from grad * u)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor | None, eps: float, kernel) -> torch.Tensor:
+        xhat, mean, rstd, *gated = kernel.layer_norm_train(x, u if u is not None else x.new_empty(0), eps)
+        ctx.save_for_backward(x, mean, rstd, xhat if u is not None else None, u)
+        return gated[0] if gated else xhat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, mean, rstd, xhat, u = ctx.saved_tensors
+        dxhat = grad if u is None else grad * u
+        dx = torch.ops.aten.native_layer_norm_backward(dxhat, x, [x.shape[-1]], mean, rstd, None, None,
+                                                       [True, False, False])[0]
+        du = grad * xhat if u is not None and ctx.needs_input_grad[1] else None
+        return dx, du, None, None
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(x)``, or ``gate * norm(x)``: through the compiled kernel (one pass, the gate included) when
+    it applies (no affine parameters, plain CPU float32 (N, C) contiguous tensors, kernels built, not
+    traced), else the module."""
+    if (norm.elementwise_affine or x.dim() != 2 or not x.is_contiguous() or is_static() or not kernels.applies(x, gate)
+            or (gate is not None and (gate.shape != x.shape or not gate.is_contiguous()))
+            or (kernel := kernels.silu_attention()) is None):
+        return norm(x) if gate is None else gate * norm(x)
+    return _CompiledLayerNorm.apply(x, gate, norm.eps, kernel)
+
+
 class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()

@@ -5,7 +5,9 @@ causal SiLU attention forward and backward (``causal_silu_attention[_backward]``
 in the (B, L) grid or on packed tokens), at inference the middle of a layer (``hstu_attention_gate``)
 and its input norm (``layer_norm``), and for every model's training a dropout whose mask is hashed from
 a seed (``hashed_dropout``, genrec/models/layers.py) and the sampled-softmax loss with its gradients in
-one pass (``sampled_softmax``, ``hashed_negatives``; genrec/losses). It returns None when the extension cannot
+one pass (``sampled_softmax``, ``hashed_negatives``; genrec/losses). On CPUs with AVX512-BF16 it also has
+HSTU's training attention on bf16 dot products for bf16 autocast (``silu_attention_bf16[_backward]``,
+``attention_bf16.h``; ``has_bf16_attention()`` says whether it was built). It returns None when the extension cannot
 be used; callers then take the stock PyTorch path, which computes the same functions
 (tests/test_kernels.py checks that they agree). The first call compiles it (about a minute, once per machine: PyTorch caches the build in
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and says so on stderr.

@@ -129,10 +129,12 @@ inline void weighted_columns(const float* w, const float* rows, float* acc, int6
     });
 }
 
-// The first n (0 <= n <= 8) floats at p as a vector, zero beyond, and back: AVX2's masked load and store
+// The first n (0 <= n <= 8) floats at p as a vector, zero beyond, and back: masked loads and stores
 // (nothing past n is touched), else through a small buffer.
 inline v8 load_first(const float* p, int64_t n) {
-#ifdef __AVX2__
+#if defined(__AVX512VL__)  // AVX-512's masked moves (AVX2's vmaskmovps store is microcoded on AMD: slow)
+  return (v8)_mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1), p);
+#elif defined(__AVX2__)
   const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7};
   return (v8)_mm256_maskload_ps(p, (__m256i)(lane < static_cast<int>(n)));
 #else
@@ -143,7 +145,9 @@ inline v8 load_first(const float* p, int64_t n) {
 }
 
 inline void store_first(float* p, int64_t n, v8 x) {
-#ifdef __AVX2__
+#if defined(__AVX512VL__)
+  _mm256_mask_storeu_ps(p, static_cast<__mmask8>((1u << n) - 1), (__m256)x);
+#elif defined(__AVX2__)
   const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7};
   _mm256_maskstore_ps(p, (__m256i)(lane < static_cast<int>(n)), (__m256)x);
 #else
@@ -932,6 +936,59 @@ torch::Tensor layer_norm(torch::Tensor x, double eps) {
   return out;
 }
 
+// LayerNorm without affine for training, x (N, C) contiguous float32: returns [xhat, mean, rstd] ((N, C), (N, 1),
+// (N, 1): what aten::native_layer_norm_backward takes) and, when u (N, C, contiguous float32) is given, a
+// fourth tensor u * xhat (HSTU's gate U * LN(O)). Two passes over each row as torch's (biased variance).
+std::vector<torch::Tensor> layer_norm_train(torch::Tensor x, torch::Tensor u, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "layer_norm_train takes a contiguous float32 (N, C) CPU tensor");
+  const bool gated = u.numel() > 0;
+  TORCH_CHECK(!gated || (u.sizes() == x.sizes() && u.is_contiguous() && u.scalar_type() == torch::kFloat32 &&
+                         u.device().is_cpu()), "u must be empty or a contiguous float32 CPU tensor shaped as x");
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(C > 0, "layer_norm_train needs at least one column");
+  auto xhat = torch::empty_like(x), mean = torch::empty({N, 1}, x.options()), rstd = torch::empty({N, 1}, x.options());
+  auto y = gated ? torch::empty_like(x) : torch::empty({0}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* up = gated ? u.data_ptr<float>() : nullptr;
+  float *hp = xhat.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* yp = gated ? y.data_ptr<float>() : nullptr;
+  // whole vectors, then the last C % 8 columns masked (AMD's masked stores are slow: only the tail takes them)
+  const int64_t Cf = C / 8 * 8, tail = C - Cf;
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = xp + i * C;
+      const v8 last = tail ? load_first(row + Cf, tail) : splat(0.0f);
+      v8 acc = last;
+      for (int64_t c = 0; c < Cf; c += 8) acc += load(row + c);
+      const float mu = hsum(acc) / C;
+      const v8 m = splat(mu);
+      const v8 d_last = tail ? (v8{0, 1, 2, 3, 4, 5, 6, 7} < splat(static_cast<float>(tail)) ? last - m : splat(0.0f))
+                             : splat(0.0f);
+      acc = d_last * d_last;
+      for (int64_t c = 0; c < Cf; c += 8) {
+        const v8 d = load(row + c) - m;
+        acc += d * d;
+      }
+      const float r = 1.0f / std::sqrt(hsum(acc) / C + static_cast<float>(eps));
+      mp[i] = mu;
+      rp[i] = r;
+      const v8 rv = splat(r);
+      for (int64_t c = 0; c < Cf; c += 8) {
+        const v8 h = (load(row + c) - m) * rv;
+        store(hp + i * C + c, h);
+        if (gated) store(yp + i * C + c, h * load(up + i * C + c));
+      }
+      if (tail) {
+        const v8 h = d_last * rv;
+        store_first(hp + i * C + Cf, tail, h);
+        if (gated) store_first(yp + i * C + Cf, tail, h * load_first(up + i * C + Cf, tail));
+      }
+    }
+  });
+  return gated ? std::vector<torch::Tensor>{xhat, mean, rstd, y} : std::vector<torch::Tensor>{xhat, mean, rstd};
+}
+
 // Next-item queries of a whole HSTU stack at inference (the reference layer's options): for each layer l,
 //   x = Linear_l(SiLU(U) * LN(attention)) + x,   (U, V, Q, K) = LN(x) @ uvqk[l]   (hstu_attention_gate)
 // and in the last layer only each row's last token is a query, so the result is (B, D). One call instead
@@ -1286,6 +1343,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("hstu_next_item_queries", &hstu_next_item_queries,
         "an HSTU stack's outputs at each row's last token (inference, reference layer options)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm_train", &layer_norm_train,
+        "LayerNorm without affine for training: [xhat, mean, rstd] and, with u, u * xhat (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
   m.def("layer_norm", &layer_norm, "LayerNorm without affine over the last dimension (CPU, float32)",
         py::call_guard<py::gil_scoped_release>());
