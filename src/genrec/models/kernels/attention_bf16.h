@@ -86,17 +86,44 @@ inline void pair_rows(const float* a, const float* b, int64_t Cp, int32_t* words
   for (int64_t c = 0; c < Cp; c += 16) store_words(words + c, pair_words(load16(a + c), load16(b + c)));
 }
 
-// dst[0, C) <- bf16(grad[0, C) * SiLU'(raw[0, C))), grad[c] at grad + c * step (step 1: a row; else gathered:
-// a column of a transposed accumulator, read without a copy whose scalar stores would stall the loads after)
-inline void store_silu_grad(uint16_t* dst, const float* grad, int64_t step, const uint16_t* raw, int64_t C) {
-  const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(step)));
+// dst[0, C) <- bf16(grad[0, C) * SiLU'(raw[0, C)))
+inline void store_silu_grad(uint16_t* dst, const float* grad, const uint16_t* raw, int64_t C) {
   for (int64_t c = 0; c < C; c += 16) {
     const int64_t m = std::min<int64_t>(16, C - c);
     const v16 x = bf16_load_first(raw + c, m), sig = sigmoid16(x);
-    const v16 g = step == 1 ? (v16)_mm512_maskz_loadu_ps(first_lanes(m), grad + c)
-                            : (v16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_lanes(m), index, grad + c * step, 4);
+    const v16 g = (v16)_mm512_maskz_loadu_ps(first_lanes(m), grad + c);
     bf16_store_first(dst + c, m, g * sig * (1.0f + x * (1.0f - sig)));
+  }
+}
+
+// rows (16, Cp) <- the transpose of accT (Cp, 16) (Cp a multiple of 16): 16 x 16 blocks through registers,
+// interleaving 32-bit, 64-bit and 128-bit lanes (a key block's dk, dv back to one row per key)
+inline void transpose_rows(const float* accT, int64_t Cp, float* rows) {
+  for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(accT + (c0 + i) * KB);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
+      r[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
+      r[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+      r[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+      t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+      t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm512_storeu_ps(rows + i * Cp + c0, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+      _mm512_storeu_ps(rows + (i + 8) * Cp + c0, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
+      _mm512_storeu_ps(rows + (i + 4) * Cp + c0, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88));
+      _mm512_storeu_ps(rows + (i + 12) * Cp + c0, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd));
+    }
   }
 }
 
@@ -121,7 +148,7 @@ void silu_grad_columns(const uint16_t* raw, const float* du, int64_t N, int64_t 
   at::parallel_for(0, N, 512, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (du) {
-        store_silu_grad(draw + t * W, du + t * C, 1, raw + t * W, C);
+        store_silu_grad(draw + t * W, du + t * C, raw + t * W, C);
       } else {
         std::fill(draw + t * W, draw + t * W + C, uint16_t{0});
       }
@@ -276,7 +303,7 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
   const int64_t Lp = (n + KB - 1) / KB * KB, Np = (n + QH - 1) / QH * QH;
   const int64_t dq16 = (dqk + 15) / 16 * 16, dq2 = (dqk + 1) / 2, dv16 = (dv + 15) / 16 * 16, dv2 = (dv + 1) / 2;
   buf.resize(Np * dq16 / 2 + Np / 2 * dq16 + dq2 * Lp + Lp / 2 * dq16 + Np * dv16 / 2 + Np / 2 * dv16 + dv2 * Lp +
-             Np * dq16 + QH * KB / 2 + (dq16 + dv16) * KB + 2 * dq16 + 2 * dv16);  // zeroed where needed below
+             Np * dq16 + QH * KB / 2 + 2 * (dq16 + dv16) * KB + 2 * dq16 + 2 * dv16);  // zeroed where needed below
   int32_t* qw = reinterpret_cast<int32_t*>(buf.data());  // (Np, dq16 / 2) words: queries (scores)
   int32_t* qpr = qw + Np * dq16 / 2;                     // (Np / 2, dq16) words: pairs of query rows (dk)
   int32_t* kw = qpr + Np / 2 * dq16;                     // (dq2, Lp) words: keys, pairs of columns (scores)
@@ -288,7 +315,9 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
   int32_t* dsw = reinterpret_cast<int32_t*>(dqa + Np * dq16);  // (QH, KB / 2) words: a block's ds rows (dq)
   float* dkT = reinterpret_cast<float*>(dsw + QH * KB / 2);    // (dq16, KB): the key block's dk, transposed
   float* dvT = dkT + dq16 * KB;                          // (dv16, KB): its dv, transposed
-  float* rows = dvT + dv16 * KB;                         // (2, dq16): two q (then k) rows after SiLU
+  float* trk = dvT + dv16 * KB;                          // (KB, dq16): dkT transposed
+  float* trv = trk + KB * dq16;                          // (KB, dv16): dvT transposed
+  float* rows = trv + KB * dv16;                         // (2, dq16): two q (then k) rows after SiLU
   float* grows = rows + 2 * dq16;                        // (2, dv16): two g (then v) rows
   const int64_t paired = (n + 1) / 2;  // pair rows written below; the rest of each layout is zero
   std::fill(qw + n * dq16 / 2, qw + Np * dq16 / 2, 0);
@@ -363,12 +392,14 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
       // dq += ds k (an odd count of keys reads one more: its ds is zero, its key row too)
       weighted_columns16(dsw, kpr + j0 / 2 * dq16, dqa + i0 * dq16, (jn + 1) / 2, dq16);
     }
-    for (int64_t jj = 0; jj < jn; ++jj) {  // the key block's dk and dv (columns of dkT, dvT) times SiLU'
-      store_silu_grad(dk + (j0 + jj) * stride, dkT + jj, KB, k + (j0 + jj) * stride, dqk);
-      store_silu_grad(dvo + (j0 + jj) * stride, dvT + jj, KB, v + (j0 + jj) * stride, dv);
+    transpose_rows(dkT, dq16, trk);  // the key block's dk and dv, one row per key, times SiLU'
+    transpose_rows(dvT, dv16, trv);
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      store_silu_grad(dk + (j0 + jj) * stride, trk + jj * dq16, k + (j0 + jj) * stride, dqk);
+      store_silu_grad(dvo + (j0 + jj) * stride, trv + jj * dv16, v + (j0 + jj) * stride, dv);
     }
   }
-  for (int64_t i = 0; i < n; ++i) store_silu_grad(dq + i * stride, dqa + i * dq16, 1, q + i * stride, dqk);
+  for (int64_t i = 0; i < n; ++i) store_silu_grad(dq + i * stride, dqa + i * dq16, q + i * stride, dqk);
 }
 
 #endif  // AVX512-BF16
