@@ -96,36 +96,59 @@ inline void store_silu_grad(uint16_t* dst, const float* grad, const uint16_t* ra
   }
 }
 
-// rows (16, Cp) <- the transpose of accT (Cp, 16) (Cp a multiple of 16): 16 x 16 blocks through registers,
-// interleaving 32-bit, 64-bit and 128-bit lanes (a key block's dk, dv back to one row per key)
-inline void transpose_rows(const float* accT, int64_t Cp, float* rows) {
-  for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(accT + (c0 + i) * KB);
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-      r[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
-      r[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
-      r[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-      r[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-      t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-      t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; ++i) {
-      _mm512_storeu_ps(rows + i * Cp + c0, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
-      _mm512_storeu_ps(rows + (i + 8) * Cp + c0, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
-      _mm512_storeu_ps(rows + (i + 4) * Cp + c0, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88));
-      _mm512_storeu_ps(rows + (i + 12) * Cp + c0, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd));
-    }
+// dst (16 x 16, rows dst_stride apart) <- the transpose of src (16 x 16, rows src_stride apart), through
+// registers: 32-bit, 64-bit and 128-bit lanes interleaved in turn (bit patterns move unchanged: words too)
+inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
+    r[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
+    r[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+    r[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm512_storeu_ps(dst + i * dst_stride, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+    _mm512_storeu_ps(dst + (i + 8) * dst_stride, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
+    _mm512_storeu_ps(dst + (i + 4) * dst_stride, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88));
+    _mm512_storeu_ps(dst + (i + 12) * dst_stride, _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd));
   }
 }
+
+// rows (16, Cp) <- the transpose of accT (Cp, 16) (Cp a multiple of 16): a key block's dk, dv, one row per key
+inline void transpose_rows(const float* accT, int64_t Cp, float* rows) {
+  for (int64_t c0 = 0; c0 < Cp; c0 += 16) transpose16(accT + c0 * KB, KB, rows + c0, Cp);
+}
+
+// A transposed layout of words, m[p * Lp + j] = word p of token j's row (Lp a multiple of 16; m has width
+// rows, width a multiple of 16), built 16 tokens at a time: each token's row goes into a 16-row tile (zero
+// past the words written), and a full tile, or the last one zero-padded, is transposed into place: no
+// scattered stores. tile: 16 x width words, zero on construction.
+struct WordTiles {
+  int32_t* tile;
+  int64_t width;
+  int32_t* m;
+  int64_t Lp;
+
+  int32_t* row(int64_t j) const { return tile + (j % 16) * width; }  // where token j's words go
+  void written(int64_t j, int64_t n) const {  // token j's row is in place
+    if (j % 16 != 15 && j != n - 1) return;
+    const int64_t j0 = j / 16 * 16;
+    std::fill(tile + (j - j0 + 1) * width, tile + 16 * width, 0);  // keys past n: zero
+    for (int64_t p0 = 0; p0 < width; p0 += 16)
+      transpose16(reinterpret_cast<const float*>(tile + p0), width, reinterpret_cast<float*>(m + p0 * Lp + j0), Lp);
+  }
+};
 
 // 16 bias values of row ``row`` from column j0 (a row Lb long), zero past its end
 inline v16 bias16(const float* row, int64_t j0, int64_t Lb) {
@@ -215,11 +238,6 @@ inline v16 causal(v16 x, int64_t i0, int r, int64_t j0) {
   return lane <= static_cast<float>(i0 + r - j0) ? x : v16{};
 }
 
-// words m[p * Lp + j] = 0 for p < rows, from <= j < Lp: keys past the last of a transposed layout
-inline void zero_columns(int32_t* m, int64_t rows, int64_t Lp, int64_t from) {
-  for (int64_t p = 0; p < rows; ++p) std::fill(m + p * Lp + from, m + (p + 1) * Lp, 0);
-}
-
 // The raw rows of token j + 8 on their way to the cache (the tokens are a projection's rows, 2 W bytes apart:
 // without it the packing loops wait on memory)
 inline void prefetch_rows(int64_t j, int64_t stride, const uint16_t* a, const uint16_t* b, const uint16_t* c) {
@@ -237,23 +255,25 @@ void attention_task_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v
   static_assert(KB == 16, "one 16-lane vector of keys per block");
   const int64_t Lp = (n + KB - 1) / KB * KB;
   const int64_t dq16 = (dqk + 15) / 16 * 16, dq2 = (dqk + 1) / 2, dv16 = (dv + 15) / 16 * 16;
-  buf.resize(n * dq16 / 2 + dq2 * Lp + Lp / 2 * dv16 + QH * KB / 2 + QH * dv16 + dq16 + 2 * dv16);  // every part
-  // is written before it is read but the keys past n, zeroed below
+  const int64_t kwide = (dq16 / 2 + 15) / 16 * 16;       // rows of kw (dq2 of them used)
+  buf.resize(n * dq16 / 2 + kwide * Lp + Lp / 2 * dv16 + QH * KB / 2 + QH * dv16 + dq16 + 2 * dv16 + 16 * kwide);
   int32_t* qw = reinterpret_cast<int32_t*>(buf.data());  // (n, dq16 / 2) words: queries
-  int32_t* kw = qw + n * dq16 / 2;                       // (dq2, Lp) words: keys, pairs of columns
-  int32_t* vw = kw + dq2 * Lp;                           // (Lp / 2, dv16) words: values, pairs of keys
+  int32_t* kw = qw + n * dq16 / 2;                       // (kwide, Lp) words: keys, pairs of columns
+  int32_t* vw = kw + kwide * Lp;                         // (Lp / 2, dv16) words: values, pairs of keys
   int32_t* ww = vw + Lp / 2 * dv16;                      // (QH, KB / 2) words: SiLU weights of a block
   float* acc = reinterpret_cast<float*>(ww + QH * KB / 2);  // (QH, dv16): output rows
   float* row = acc + QH * dv16;                          // (dq16): a q or k row after SiLU
   float* vrow = row + dq16;                              // (2, dv16): two value rows after SiLU
-  zero_columns(kw, dq2, Lp, n);
+  int32_t* tile = reinterpret_cast<int32_t*>(vrow + 2 * dv16);  // (16, kwide) words: key rows on their way to kw
+  std::fill(tile, tile + 16 * kwide, 0);
+  const WordTiles keys_t{tile, kwide, kw, Lp};
   for (int64_t j = 0; j < n; ++j) {
     prefetch_rows(j, stride, q, k, v);
     silu_row(q + j * stride, dqk, dq16, row);
     row_words(row, dq16, qw + j * dq16 / 2);
     silu_row(k + j * stride, dqk, dq16, row);
-    row_words(row, dq16, reinterpret_cast<int32_t*>(row));  // in place: each 16 floats are read before written
-    for (int64_t p = 0; p < dq2; ++p) kw[p * Lp + j] = reinterpret_cast<int32_t*>(row)[p];
+    row_words(row, dq16, keys_t.row(j));
+    keys_t.written(j, n);
     silu_row(v + j * stride, dv, dv16, vrow + (j & 1) * dv16);
     if (j % 2 == 0 && j == n - 1) std::fill(vrow + dv16, vrow + 2 * dv16, 0.0f);  // an odd last key: pair a zero
     if (j % 2 == 1 || j == n - 1) pair_rows(vrow, vrow + dv16, dv16, vw + j / 2 * dv16);
@@ -302,16 +322,17 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
   if (n <= 0) return;
   const int64_t Lp = (n + KB - 1) / KB * KB, Np = (n + QH - 1) / QH * QH;
   const int64_t dq16 = (dqk + 15) / 16 * 16, dq2 = (dqk + 1) / 2, dv16 = (dv + 15) / 16 * 16, dv2 = (dv + 1) / 2;
-  buf.resize(Np * dq16 / 2 + Np / 2 * dq16 + dq2 * Lp + Lp / 2 * dq16 + Np * dv16 / 2 + Np / 2 * dv16 + dv2 * Lp +
-             Np * dq16 + QH * KB / 2 + 2 * (dq16 + dv16) * KB + 2 * dq16 + 2 * dv16);  // zeroed where needed below
+  const int64_t kwide = (dq16 / 2 + 15) / 16 * 16, vwide = (dv16 / 2 + 15) / 16 * 16;  // rows of kw, vw
+  buf.resize(Np * dq16 / 2 + Np / 2 * dq16 + kwide * Lp + Lp / 2 * dq16 + Np * dv16 / 2 + Np / 2 * dv16 + vwide * Lp +
+             Np * dq16 + QH * KB / 2 + 2 * (dq16 + dv16) * KB + 2 * dq16 + 2 * dv16 + 16 * (kwide + vwide));
   int32_t* qw = reinterpret_cast<int32_t*>(buf.data());  // (Np, dq16 / 2) words: queries (scores)
   int32_t* qpr = qw + Np * dq16 / 2;                     // (Np / 2, dq16) words: pairs of query rows (dk)
-  int32_t* kw = qpr + Np / 2 * dq16;                     // (dq2, Lp) words: keys, pairs of columns (scores)
-  int32_t* kpr = kw + dq2 * Lp;                          // (Lp / 2, dq16) words: pairs of keys (dq)
+  int32_t* kw = qpr + Np / 2 * dq16;                     // (kwide, Lp) words: keys, pairs of columns (scores)
+  int32_t* kpr = kw + kwide * Lp;                        // (Lp / 2, dq16) words: pairs of keys (dq)
   int32_t* gw = kpr + Lp / 2 * dq16;                     // (Np, dv16 / 2) words: output gradients (g . v)
   int32_t* gpr = gw + Np * dv16 / 2;                     // (Np / 2, dv16) words: pairs of gradient rows (dv)
-  int32_t* vw = gpr + Np / 2 * dv16;                     // (dv2, Lp) words: values, pairs of columns (g . v)
-  float* dqa = reinterpret_cast<float*>(vw + dv2 * Lp);  // (Np, dq16): dq accumulators
+  int32_t* vw = gpr + Np / 2 * dv16;                     // (vwide, Lp) words: values, pairs of columns (g . v)
+  float* dqa = reinterpret_cast<float*>(vw + vwide * Lp);  // (Np, dq16): dq accumulators
   int32_t* dsw = reinterpret_cast<int32_t*>(dqa + Np * dq16);  // (QH, KB / 2) words: a block's ds rows (dq)
   float* dkT = reinterpret_cast<float*>(dsw + QH * KB / 2);    // (dq16, KB): the key block's dk, transposed
   float* dvT = dkT + dq16 * KB;                          // (dv16, KB): its dv, transposed
@@ -319,13 +340,14 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
   float* trv = trk + KB * dq16;                          // (KB, dv16): dvT transposed
   float* rows = trv + KB * dv16;                         // (2, dq16): two q (then k) rows after SiLU
   float* grows = rows + 2 * dq16;                        // (2, dv16): two g (then v) rows
+  int32_t* tiles = reinterpret_cast<int32_t*>(grows + 2 * dv16);  // (16, kwide) and (16, vwide) words
+  std::fill(tiles, tiles + 16 * (kwide + vwide), 0);
+  const WordTiles keys_t{tiles, kwide, kw, Lp}, values_t{tiles + 16 * kwide, vwide, vw, Lp};
   const int64_t paired = (n + 1) / 2;  // pair rows written below; the rest of each layout is zero
   std::fill(qw + n * dq16 / 2, qw + Np * dq16 / 2, 0);
   std::fill(qpr + paired * dq16, qpr + Np / 2 * dq16, 0);
   std::fill(gw + n * dv16 / 2, gw + Np * dv16 / 2, 0);
   std::fill(gpr + paired * dv16, gpr + Np / 2 * dv16, 0);
-  zero_columns(kw, dq2, Lp, n);
-  zero_columns(vw, dv2, Lp, n);
   std::fill(dqa, dqa + Np * dq16, 0.0f);
   for (int64_t j = 0; j < n; ++j) {  // queries and output gradients: rows, and pairs of rows
     prefetch_rows(j, stride, q, k, v);
@@ -346,17 +368,16 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
       pair_rows(grows, grows + dv16, dv16, gpr + j / 2 * dv16);
     }
   }
-  int32_t* words = reinterpret_cast<int32_t*>(dvT);  // scratch until the key blocks start
   for (int64_t j = 0; j < n; ++j) {  // keys: pairs of columns and pairs of keys; values: pairs of columns
     float* kj = rows + (j & 1) * dq16;
     silu_row(k + j * stride, dqk, dq16, kj);
-    row_words(kj, dq16, words);
-    for (int64_t p = 0; p < dq2; ++p) kw[p * Lp + j] = words[p];
+    row_words(kj, dq16, keys_t.row(j));
+    keys_t.written(j, n);
     if (j % 2 == 0 && j == n - 1) std::fill(rows + dq16, rows + 2 * dq16, 0.0f);
     if (j % 2 == 1 || j == n - 1) pair_rows(rows, rows + dq16, dq16, kpr + j / 2 * dq16);
     silu_row(v + j * stride, dv, dv16, grows);
-    row_words(grows, dv16, words);
-    for (int64_t p = 0; p < dv2; ++p) vw[p * Lp + j] = words[p];
+    row_words(grows, dv16, values_t.row(j));
+    values_t.written(j, n);
   }
   for (int64_t j0 = 0; j0 < n; j0 += KB) {
     std::fill(dkT, dkT + (dq16 + dv16) * KB, 0.0f);  // and dvT
