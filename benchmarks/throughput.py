@@ -13,8 +13,8 @@ it changes the batches, and it slowed learning on ML-1M: see the parity section 
 (model, path) runs in its own process so peak RSS is its own, ``--repeats`` times, the two paths
 alternating (this VM's speed drifts by 20-50 % between minutes: the speed-up is the median of the
 ratios of runs made one after the other). ``genrec-bf16`` is genrec's path with ``train.precision = "bf16"``
-(the projections on the CPU's bf16 units, SiLU, attention, norms, dropout and loss in float32 kernels;
-its quality effect: ``parity.py --precision bf16``); it runs by default where bf16 matmuls outpace fp32
+(the matmuls on the CPU's bf16 units, HSTU's attention on the bf16 dot-product kernels where the CPU has
+AVX512-BF16, norms, dropout and loss in float32 kernels; its quality effect: ``parity.py --precision bf16``); it runs by default where bf16 matmuls outpace fp32
 ones (bf16 units), and its speed-up is against the same float32 dense reference (the dense path under
 bf16 autocast is slower than in float32 here). Reported: seconds per step, real training tokens per
 second (padding excluded), useful FLOP/s (matmul work an ideal jagged implementation must do, forward
