@@ -17,6 +17,8 @@ both minima and the ratio of the medians:
 - dropout, forward + backward: p = 0.2 on the (tokens x 50) residual stream (hashed mask vs bulk integers);
 - one HSTU-large training step on the same random batch of ML-1M histories (model, loss and AdamW; every
   kernel vs none);
+- where the CPU has AVX512-BF16: the training layer's middle (SiLU and attention from the raw projection,
+  forward + backward) on the float32 kernels against the bf16 dot-product kernels bf16 autocast uses;
 - with ``--eval``: the full-ranking evaluation of the 6,040 ML-1M users by an untrained HSTU-large
   (model forward included, history excluded; prepared data in data/ml-1m, see throughput.py).
 History lengths are drawn from ML-1M's when data/ml-1m exists (else uniform in [20, 200]).
@@ -41,7 +43,7 @@ from genrec.data.batches import TrainLoader, training_batch  # noqa: E402
 from genrec.eval.ranking import evaluate_model  # noqa: E402
 from genrec.losses import Loss, sampled_softmax  # noqa: E402
 from genrec.models import build_model, kernels  # noqa: E402
-from genrec.models.hstu import HSTUConfig, HSTULayer, causal_silu_attention  # noqa: E402
+from genrec.models.hstu import HSTUConfig, HSTULayer, _CompiledSiluSplitAttention, causal_silu_attention  # noqa: E402
 from genrec.models.layers import Tokens, dropout  # noqa: E402
 from genrec.train.trainer import item_counts, load_data, seed_everything, train_step  # noqa: E402
 
@@ -164,6 +166,25 @@ def main() -> None:
         def step():
             train_step(model, loss_fn, opt, batch)
         lines.append(row("HSTU-large training step (ML-1M batch of 128)", alternate(step, step, args.repeats)))
+        print(lines[-1], flush=True)
+
+    with kernels.use_kernels(True):
+        kernel = kernels.silu_attention()
+    if kernel.has_bf16_attention():
+        lines += ["", "bf16 autocast's attention on this CPU's bf16 dot products (AVX512-BF16) against the float32 "
+                  "kernels, the training layer's middle from the raw projection (SiLU, attention; forward + backward):",
+                  "", "| computation | float32 kernels | bf16 kernels | speed-up |", "|---|---:|---:|---:|"]
+        starts = torch.cumsum(lengths, 0) - lengths  # packed rows, one after another
+        raw32 = (torch.randn(tokens_n, 4 * H * d) * 0.5).requires_grad_(True)
+        raw16 = raw32.detach().bfloat16().requires_grad_(True)
+
+        def middle(raw):
+            def run():
+                u, o = _CompiledSiluSplitAttention.apply(raw, bias, lengths, starts, kernel, H, d, d, 1.0 / L)
+                (u.sum() + o.sum()).backward()
+            return run
+        lines.append(row("layer middle, forward + backward (raw float32 vs bf16 projection)",
+                         alternate(middle(raw32), middle(raw16), args.repeats)))
         print(lines[-1], flush=True)
 
     if args.eval:

@@ -68,7 +68,9 @@ inline v16 bf16_load_first(const uint16_t* p, int64_t n) {
   const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
   return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 }
-inline void bf16_store_first(uint16_t* p, int64_t n, v16 x) { _mm256_mask_storeu_epi16(p, first_lanes(n), bf16_row16(x)); }
+inline void bf16_store_first(uint16_t* p, int64_t n, v16 x) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), bf16_row16(x));
+}
 
 // dst[0, Cp) <- SiLU(src[0, C)) as floats (src bf16), zero from C to Cp (a multiple of 16)
 inline void silu_row(const uint16_t* src, int64_t C, int64_t Cp, float* dst) {
@@ -78,7 +80,8 @@ inline void silu_row(const uint16_t* src, int64_t C, int64_t Cp, float* dst) {
 
 // words[0, Cp / 2) <- the bf16 row of x[0, Cp) (Cp a multiple of 16)
 inline void row_words(const float* x, int64_t Cp, int32_t* words) {
-  for (int64_t c = 0; c < Cp; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + c / 2), bf16_row16(load16(x + c)));
+  for (int64_t c = 0; c < Cp; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + c / 2), bf16_row16(load16(x + c)));
 }
 
 // words[0, Cp) <- pair_words of rows a and b (floats; Cp a multiple of 16)
@@ -298,7 +301,8 @@ void attention_task_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v
       const bool diagonal = j0 + KB > i0;  // some key of the block lies after some query
       for (int r = 0; r < QH; ++r) {
         const v16 w = silu16(s[r]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ww + r * (KB / 2)), bf16_row16(diagonal ? causal(w, i0, r, j0) : w));
+        const v16 kept = diagonal ? causal(w, i0, r, j0) : w;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ww + r * (KB / 2)), bf16_row16(kept));
       }
       // an odd count of keys reads one more: its weight is zero (masked) and its values too (padding)
       weighted_columns16(ww, vw + j0 / 2 * dv16, acc, (std::min<int64_t>(KB, keys - j0) + 1) / 2, dv16);
@@ -356,8 +360,10 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
     silu_row(q + j * stride, dqk, dq16, qj);
     row_words(qj, dq16, qw + j * dq16 / 2);
     float* gj = grows + (j & 1) * dv16;
-    for (int64_t c = 0; c < dv16; c += 16)
-      store16(gj + c, (v16)_mm512_maskz_loadu_ps(first_lanes(std::clamp<int64_t>(dv - c, 0, 16)), g + j * g_stride + c) * g_scale);
+    for (int64_t c = 0; c < dv16; c += 16) {
+      const __mmask16 cols = first_lanes(std::clamp<int64_t>(dv - c, 0, 16));
+      store16(gj + c, (v16)_mm512_maskz_loadu_ps(cols, g + j * g_stride + c) * g_scale);
+    }
     row_words(gj, dv16, gw + j * dv16 / 2);
     if (j % 2 == 0 && j == n - 1) {  // an odd last row: pair it with zeros
       std::fill(rows + dq16, rows + 2 * dq16, 0.0f);

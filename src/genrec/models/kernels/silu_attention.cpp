@@ -776,8 +776,9 @@ bool has_bf16_attention() {
 // [SiLU(U), causal_silu_attention(SiLU(Q), SiLU(K), SiLU(V), bias) * scale], both (N, H * dv) float32, the
 // second zero at tokens of no row. bias as causal_silu_attention's. Only where has_bf16_attention()
 // (AVX512-BF16).
-std::vector<torch::Tensor> silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths, torch::Tensor starts,
-                                  int64_t H, int64_t dqk, int64_t dv, double scale) {
+std::vector<torch::Tensor> silu_attention_bf16(torch::Tensor raw, torch::Tensor bias, torch::Tensor lengths,
+                                               torch::Tensor starts, int64_t H, int64_t dqk, int64_t dv,
+                                               double scale) {
 #ifdef GENREC_BF16_DOT
   const Projection p(raw, lengths, starts, nullptr, H, dqk, dv);
   const Rows& rows = p.rows;
@@ -834,9 +835,10 @@ torch::Tensor silu_attention_bf16_backward(torch::Tensor raw, torch::Tensor bias
     for (int64_t h = 0; h < H; ++h) {
       const int64_t v0 = H * dv + h * dv, q0 = 2 * H * dv + h * dqk, k0 = 2 * H * dv + H * dqk + h * dqk;
       const uint16_t* x = bf16_ptr(raw) + t0;
-      attention_backward_task_bf16(x + q0, x + k0, x + v0, grad.data_ptr<float>() + rows.start[b] * grad.stride(0) + h * dv,
-                                   bias_of(bias, b), out + t0 + q0, out + t0 + k0, out + t0 + v0, db, rows.n[b], Lb,
-                                   dqk, dv, W, grad.stride(0), static_cast<float>(scale), buf);
+      const float* g = grad.data_ptr<float>() + rows.start[b] * grad.stride(0) + h * dv;
+      attention_backward_task_bf16(x + q0, x + k0, x + v0, g, bias_of(bias, b), out + t0 + q0, out + t0 + k0,
+                                   out + t0 + v0, db, rows.n[b], Lb, dqk, dv, W, grad.stride(0),
+                                   static_cast<float>(scale), buf);
     }
   });
 #else
