@@ -89,6 +89,13 @@ inline void pair_rows(const float* a, const float* b, int64_t Cp, int32_t* words
   for (int64_t c = 0; c < Cp; c += 16) store_words(words + c, pair_words(load16(a + c), load16(b + c)));
 }
 
+// Pairs of consecutive rows: row j (of n) has just been written into half j % 2 of two_rows (2 x Cp floats);
+// after an odd j, or after the last row (its partner then zero), the pair's words go to pairs + j / 2 * Cp.
+inline void pair_up(int64_t j, int64_t n, float* two_rows, int64_t Cp, int32_t* pairs) {
+  if (j % 2 == 0 && j == n - 1) std::fill(two_rows + Cp, two_rows + 2 * Cp, 0.0f);
+  if (j % 2 == 1 || j == n - 1) pair_rows(two_rows, two_rows + Cp, Cp, pairs + j / 2 * Cp);
+}
+
 // dst[0, C) <- bf16(grad[0, C) * SiLU'(raw[0, C)))
 inline void store_silu_grad(uint16_t* dst, const float* grad, const uint16_t* raw, int64_t C) {
   for (int64_t c = 0; c < C; c += 16) {
@@ -278,8 +285,7 @@ void attention_task_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v
     row_words(row, dq16, keys_t.row(j));
     keys_t.written(j, n);
     silu_row(v + j * stride, dv, dv16, vrow + (j & 1) * dv16);
-    if (j % 2 == 0 && j == n - 1) std::fill(vrow + dv16, vrow + 2 * dv16, 0.0f);  // an odd last key: pair a zero
-    if (j % 2 == 1 || j == n - 1) pair_rows(vrow, vrow + dv16, dv16, vw + j / 2 * dv16);
+    pair_up(j, n, vrow, dv16, vw);
   }
   for (int64_t i0 = 0; i0 < n; i0 += QH) {
     const int64_t keys = std::min(i0 + QH, n);  // keys [0, keys) are visible to some query of the block
@@ -365,22 +371,15 @@ void attention_backward_task_bf16(const uint16_t* q, const uint16_t* k, const ui
       store16(gj + c, (v16)_mm512_maskz_loadu_ps(cols, g + j * g_stride + c) * g_scale);
     }
     row_words(gj, dv16, gw + j * dv16 / 2);
-    if (j % 2 == 0 && j == n - 1) {  // an odd last row: pair it with zeros
-      std::fill(rows + dq16, rows + 2 * dq16, 0.0f);
-      std::fill(grows + dv16, grows + 2 * dv16, 0.0f);
-    }
-    if (j % 2 == 1 || j == n - 1) {
-      pair_rows(rows, rows + dq16, dq16, qpr + j / 2 * dq16);
-      pair_rows(grows, grows + dv16, dv16, gpr + j / 2 * dv16);
-    }
+    pair_up(j, n, rows, dq16, qpr);
+    pair_up(j, n, grows, dv16, gpr);
   }
   for (int64_t j = 0; j < n; ++j) {  // keys: pairs of columns and pairs of keys; values: pairs of columns
     float* kj = rows + (j & 1) * dq16;
     silu_row(k + j * stride, dqk, dq16, kj);
     row_words(kj, dq16, keys_t.row(j));
     keys_t.written(j, n);
-    if (j % 2 == 0 && j == n - 1) std::fill(rows + dq16, rows + 2 * dq16, 0.0f);
-    if (j % 2 == 1 || j == n - 1) pair_rows(rows, rows + dq16, dq16, kpr + j / 2 * dq16);
+    pair_up(j, n, rows, dq16, kpr);
     silu_row(v + j * stride, dv, dv16, grows);
     row_words(grows, dv16, values_t.row(j));
     values_t.written(j, n);

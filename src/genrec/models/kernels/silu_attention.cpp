@@ -691,10 +691,8 @@ torch::Tensor causal_silu_attention(torch::Tensor q, torch::Tensor k, torch::Ten
 // The gradients of causal_silu_attention: grad (the output's layout and shape) float32 with a contiguous last
 // dimension; the other arguments as the forward's. Returns dq, dk, dv in the layout of q, k, v (contiguous;
 // zero at padding positions) and, when bias_grad and a bias is given, dbias shaped as the bias (otherwise an
-// empty tensor). One task per batch row (its heads in turn, so a per-row bias gradient has one writer),
-// handed out longest first as threads free up; a bias shared by the batch gets one gradient buffer per
-// worker slot, summed at the end, and then rows go to slots round-robin (a fixed summation order: the
-// same gradient in every run with the same number of threads). ``scale`` as the forward's (grad is
+// empty tensor). One task per batch row, its heads in turn, scheduled by backward_rows (which also says how
+// the bias gradient is summed). ``scale`` as the forward's (grad is
 // multiplied by it as it is read). ``into``: empty, or three float32 tensors shaped as q, k, v (views with a
 // contiguous last dimension, e.g. column slices of one (N, W) gradient) that receive dq, dk, dv instead of
 // new tensors (then returned).
@@ -751,7 +749,6 @@ struct Projection {
     v = raw.narrow(1, H * dv, H * dv).view({N, H, dv});
     q = raw.narrow(1, 2 * H * dv, H * dqk).view({N, H, dqk});
     k = raw.narrow(1, 2 * H * dv + H * dqk, H * dqk).view({N, H, dqk});
-    TORCH_CHECK(starts.numel() == lengths.numel(), "starts and lengths must have one entry per batch row");
     rows = rows_of(q, k, v, grad, lengths, starts, torch::kBFloat16);
   }
 };
